@@ -118,7 +118,7 @@ class ModelConfig:
                   "linear_attn_beta_factor", "mlp_alpha_factor", "mlp_beta_factor"):
             need(math.isfinite(getattr(self, f)), f, "a finite number")
         need(self.router_aux_loss_coef >= 0, "router_aux_loss_coef", "a number >= 0")
-        need(0 <= self.router_jitter_noise < 1, "router_jitter_noise", "a number in [0, 1)")
+        need(self.router_jitter_noise == 0, "router_jitter_noise", "0.0 (router jitter is not implemented; the released checkpoints use 0)")
         need(self.dtype in DTYPES, "dtype", f"one of {DTYPES}")
         need(self.param_dtype in DTYPES, "param_dtype", f"one of {DTYPES}")
         need(self.remat in REMAT_POLICIES, "remat", f"one of {REMAT_POLICIES}")

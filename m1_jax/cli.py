@@ -1,0 +1,39 @@
+"""``m1-jax`` command line: ``m1-jax {convert,flops,generate,bench,demo} ...``.
+
+Each subcommand lives in its own module with a ``main(argv)``; they are imported lazily so that one
+command never pays for another's imports.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+SUBCOMMANDS = {
+    "convert": ("m1_jax.convert.cli", "checkpoint conversion: hf-to-orbax, orbax-to-hf (see docs/conversion.md)"),
+    "flops": ("m1_jax.flops", "analytic FLOPs table and the paper's figure (see docs/flops.md)"),
+    "demo": ("m1_jax.demo", "train the tiny preset on the bundled corpus for a few steps"),
+}
+
+
+def usage() -> str:
+    lines = ["usage: m1-jax COMMAND [ARGS...]", "", "commands:"]
+    lines += [f"  {name:<10} {help_}" for name, (_, help_) in SUBCOMMANDS.items()]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help"):
+        print(usage())
+        return 0
+    name, rest = argv[0], argv[1:]
+    if name not in SUBCOMMANDS:
+        print(f"m1-jax: unknown command {name!r}\n\n{usage()}", file=sys.stderr)
+        return 2
+    module = importlib.import_module(SUBCOMMANDS[name][0])
+    return int(module.main(rest) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,167 @@
+"""Decoder layers, the scanned 7+1 block stack, and the causal LM.
+
+Each layer is DeepNorm post-norm: ``u = norm(h); h1 = a_attn*u + b_attn*attn(u); w = norm(h1);
+out = a_mlp*w + b_mlp*moe(w)`` (the residual is the *normalised* input).
+
+The layer pattern has period p (7 lightning + 1 softmax for MiniMax); the L layers are held as
+L/p stacked blocks and run as a ``lax.scan`` over blocks (``scan_layers=False`` loops in Python over
+the same parameters, for debugging). ``remat`` wraps each block in ``jax.checkpoint``.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from m1_jax.config import FULL, ModelConfig
+from m1_jax.model.layers import RMSNorm, as_dtype, param
+from m1_jax.model.lightning import LightningAttention
+from m1_jax.model.moe import MoE, RouterStats, load_balancing_loss
+from m1_jax.model.softmax_attention import SoftmaxAttention
+
+_REMAT_POLICIES = {
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+class DecoderLayer(nnx.Module):
+    def __init__(self, config: ModelConfig, layer_type: str, *, rngs: nnx.Rngs):
+        c = config
+        self.is_softmax = layer_type == FULL
+        pdt = as_dtype(c.param_dtype)
+        self.input_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps, axes=("norm",), param_dtype=pdt)
+        self.self_attn = SoftmaxAttention(c, rngs=rngs) if self.is_softmax else LightningAttention(c, rngs=rngs)
+        self.post_attention_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps, axes=("norm",), param_dtype=pdt)
+        self.block_sparse_moe = MoE(c, rngs=rngs)
+        if self.is_softmax:
+            self.alpha, self.beta = c.full_attn_alpha_factor, c.full_attn_beta_factor
+        else:
+            self.alpha, self.beta = c.linear_attn_alpha_factor, c.linear_attn_beta_factor
+        self.mlp_alpha, self.mlp_beta = c.mlp_alpha_factor, c.mlp_beta_factor
+
+    def __call__(self, h, layer_idx, positions, segment_ids=None):
+        u = self.input_layernorm(h)
+        if self.is_softmax:
+            a = self.self_attn(u, positions, segment_ids=segment_ids)
+        else:
+            a = self.self_attn(u, layer_idx, segment_ids=segment_ids)
+        h = self.alpha * u + self.beta * a
+        w = self.post_attention_layernorm(h)
+        f, stats = self.block_sparse_moe(w)
+        return self.mlp_alpha * w + self.mlp_beta * f, stats
+
+
+class DecoderBlock(nnx.Module):
+    """One period of the layer pattern (7 lightning + 1 softmax for MiniMax)."""
+
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+        types = config.layer_types[: config.layer_period]
+        self.layers = nnx.List([DecoderLayer(config, t, rngs=rngs) for t in types])
+
+    def __call__(self, h, layer_offset, positions, segment_ids=None):
+        stats = []
+        for j, layer in enumerate(self.layers):
+            h, s = layer(h, layer_offset + j, positions, segment_ids)
+            stats.append(s)
+        return h, jax.tree.map(lambda *xs: jnp.stack(xs), *stats)
+
+
+def positions_from_segments(segment_ids: jax.Array) -> jax.Array:
+    """Position of each token inside its document (documents are contiguous runs of one id)."""
+    B, T = segment_ids.shape
+    idx = jnp.broadcast_to(jnp.arange(T), (B, T))
+    starts = jnp.concatenate([jnp.ones((B, 1), bool), segment_ids[:, 1:] != segment_ids[:, :-1]], axis=1)
+    start_idx = jax.lax.cummax(jnp.where(starts, idx, 0), axis=1)
+    return idx - start_idx
+
+
+def check_token_ids(input_ids, vocab_size: int) -> None:
+    """Shape/dtype checks always; value range when the ids are concrete (out-of-range ids that reach a
+    traced call give NaN logits, never a silently clipped lookup)."""
+    if not hasattr(input_ids, "ndim") or input_ids.ndim != 2:
+        raise ValueError(f"input_ids must be an int array [batch, seq]; got shape {getattr(input_ids, 'shape', None)}")
+    if not jnp.issubdtype(input_ids.dtype, jnp.integer):
+        raise ValueError(f"input_ids must have an integer dtype; got {input_ids.dtype}")
+    if isinstance(input_ids, jax.core.Tracer):
+        return
+    ids = np.asarray(input_ids)
+    if ids.size and (ids.min() < 0 or ids.max() >= vocab_size):
+        bad = ids[(ids < 0) | (ids >= vocab_size)]
+        raise ValueError(f"input_ids out of range: found {bad.flat[0]} (and {bad.size - 1} more); "
+                         f"expected 0 <= id < vocab_size = {vocab_size}")
+
+
+class MiniMaxForCausalLM(nnx.Module):
+    """MiniMax-Text-01 / MiniMax-M1 causal LM. ``model(input_ids)`` -> float32 logits ``[B, T, V]``."""
+
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+        c = config
+        self.config = c
+        pdt = as_dtype(c.param_dtype)
+        self.embed_tokens = param(rngs, (c.vocab_size, c.hidden_size), ("vocab", "embed"), pdt,
+                                  std=c.initializer_range)
+
+        @nnx.split_rngs(splits=c.num_blocks)
+        @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
+        def make_blocks(r):
+            return DecoderBlock(c, rngs=r)
+
+        self.blocks = make_blocks(rngs)
+        self.norm = RMSNorm(c.hidden_size, c.rms_norm_eps, axes=("norm",), param_dtype=pdt)
+        self.lm_head = param(rngs, (c.hidden_size, c.vocab_size), ("embed", "vocab"), pdt,
+                             std=c.initializer_range)
+
+    # -- pieces, exposed for losses that never materialise all logits at once
+    def embed(self, input_ids: jax.Array) -> jax.Array:
+        c = self.config
+        check_token_ids(input_ids, c.vocab_size)
+        table = self.embed_tokens.value.astype(as_dtype(c.dtype))
+        return jnp.take(table, input_ids, axis=0, mode="fill", fill_value=jnp.nan)
+
+    def hidden_states(self, input_ids, *, positions=None, segment_ids=None):
+        """Final-normed hidden states ``[B, T, hidden]`` and the per-layer router statistics."""
+        c = self.config
+        x = self.embed(input_ids)
+        B, T = input_ids.shape
+        if positions is None:
+            positions = (positions_from_segments(segment_ids) if segment_ids is not None
+                         else jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T)))
+        graphdef, state = nnx.split(self.blocks)
+        p = c.layer_period
+
+        def body(h, xs):
+            block_state, b = xs
+            block = nnx.merge(graphdef, block_state)
+            return block(h, b * p, positions, segment_ids)
+
+        if c.remat != "none":
+            body = jax.checkpoint(body, policy=_REMAT_POLICIES[c.remat], prevent_cse=not c.scan_layers)
+        block_ids = jnp.arange(c.num_blocks, dtype=jnp.int32)
+        if c.scan_layers:
+            h, stats = jax.lax.scan(body, x, (state, block_ids))
+        else:
+            h, per_block = x, []
+            for b in range(c.num_blocks):
+                h, s = body(h, (jax.tree.map(lambda a, b=b: a[b], state), block_ids[b]))
+                per_block.append(s)
+            stats = jax.tree.map(lambda *xs: jnp.stack(xs), *per_block)
+        stats = jax.tree.map(lambda a: a.reshape((c.num_hidden_layers,) + a.shape[2:]), stats)
+        return self.norm(h), stats
+
+    def logits(self, h: jax.Array) -> jax.Array:
+        """LM head in float32 (the M1 fix for train/inference probability mismatch)."""
+        return jnp.einsum("bth,hv->btv", h.astype(jnp.float32), self.lm_head.value.astype(jnp.float32))
+
+    def __call__(self, input_ids, *, positions=None, segment_ids=None, return_aux: bool = False):
+        h, stats = self.hidden_states(input_ids, positions=positions, segment_ids=segment_ids)
+        logits = self.logits(h)
+        if return_aux:
+            return logits, load_balancing_loss(stats)
+        return logits
+
+
+__all__ = ["MiniMaxForCausalLM", "DecoderBlock", "DecoderLayer", "RouterStats", "positions_from_segments"]

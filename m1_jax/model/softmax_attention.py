@@ -1,0 +1,56 @@
+"""The softmax-attention layer: GQA, causal, partial RoPE, 1/sqrt(d) scale, float32 softmax."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from m1_jax.config import ModelConfig
+from m1_jax.model.layers import as_dtype, param
+from m1_jax.model.rope import apply_rope, rope_cos_sin
+
+
+def causal_attention(q, k, v, *, segment_ids=None, implementation=None):
+    """Causal GQA attention on ``[B, T, N, D]`` / ``[B, S, K, D]`` through ``jax.nn.dot_product_attention``.
+
+    Softmax statistics are float32 (XLA path) or handled by cuDNN on GPU. With ``segment_ids`` a token
+    attends only within its own document.
+    """
+    mask = None
+    if segment_ids is not None:
+        mask = (segment_ids[:, :, None] == segment_ids[:, None, :])[:, None]  # [B, 1, T, S]
+        implementation = "xla" if implementation is None else implementation
+    return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=True, implementation=implementation)
+
+
+class SoftmaxAttention(nnx.Module):
+    """MiniMax softmax attention (attn_type 1): q/k/v/o projections without bias, GQA."""
+
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+        c = config
+        self.config = c
+        pdt = as_dtype(c.param_dtype)
+        n, kv, d, h = c.num_attention_heads, c.num_key_value_heads, c.head_dim, c.hidden_size
+        std = c.initializer_range
+        self.q_proj = param(rngs, (h, n, d), ("embed", "heads", "head_dim"), pdt, std=std)
+        self.k_proj = param(rngs, (h, kv, d), ("embed", "kv_heads", "head_dim"), pdt, std=std)
+        self.v_proj = param(rngs, (h, kv, d), ("embed", "kv_heads", "head_dim"), pdt, std=std)
+        self.o_proj = param(rngs, (n, d, h), ("heads", "head_dim", "embed"), pdt, std=std)
+
+    def project_qkv(self, x: jax.Array, positions: jax.Array):
+        """Projected q ``[B, T, N, D]`` and k, v ``[B, T, K, D]``, RoPE applied to q and k."""
+        c = self.config
+        dt = x.dtype
+        q = jnp.einsum("bth,hnd->btnd", x, self.q_proj.value.astype(dt))
+        k = jnp.einsum("bth,hnd->btnd", x, self.k_proj.value.astype(dt))
+        v = jnp.einsum("bth,hnd->btnd", x, self.v_proj.value.astype(dt))
+        cos, sin = rope_cos_sin(positions, c.rotary_dim, c.rope_theta)
+        return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+
+    def output(self, o: jax.Array) -> jax.Array:
+        return jnp.einsum("btnd,ndh->bth", o, self.o_proj.value.astype(o.dtype))
+
+    def __call__(self, x: jax.Array, positions: jax.Array, *, segment_ids=None) -> jax.Array:
+        q, k, v = self.project_qkv(x, positions)
+        return self.output(causal_attention(q, k, v, segment_ids=segment_ids))

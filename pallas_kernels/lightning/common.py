@@ -1,0 +1,115 @@
+"""Chunk math shared by every lightning-attention kernel (plain jnp on arrays, usable inside Pallas).
+
+One chunk of C rows (local index i, j; ``m`` real rows, the rest zero padding), rate ``lam``::
+
+    D_ij = exp(-lam (i - j)) [i >= j]     a_i = exp(-lam (i + 1))
+    b_j  = exp(-lam (m - 1 - j)) [j < m]  g   = exp(-lam m)
+
+    forward:   O = a * (Q S) + ((Q K^T) * D) V              S' = g S + (b * K)^T V
+    backward:  dP = (dO V^T) * D,  P = (Q K^T) * D            (dS is the cotangent of S')
+               dQ = dP K + a * (dO S^T)      dK = dP^T Q + b * (V dS^T)
+               dV = P^T dO + b * (K dS)      dS_prev = g dS + (a * Q)^T dO
+
+Exponents are masked before ``exp`` so nothing overflows. Matmul operands are in the input dtype
+(bf16 operands for bf16 inputs, the state cast to it), accumulation is float32; float32 inputs use
+full-precision matmuls (``precision=HIGHEST``, no TF32).
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+from jax import lax
+
+F32 = jnp.float32
+
+
+def precision_for(dtype):
+    return lax.Precision.HIGHEST if jnp.dtype(dtype) == jnp.float32 else None
+
+
+def mm(a, b, *, ta=False, tb=False, precision=None):
+    """2-D matmul with float32 accumulation; ``ta``/``tb`` transpose an operand (fused into the dot)."""
+    dims = (((0 if ta else 1,), (1 if tb else 0,)), ((), ()))
+    return lax.dot_general(a, b, dims, precision=precision, preferred_element_type=F32)
+
+
+def iota_row_col(C, *, tpu=False):
+    """Row index ``[C, 1]`` and column index ``[1, C]`` (int32) in a form each backend lowers."""
+    if tpu:
+        return (lax.broadcasted_iota(jnp.int32, (C, 1), 0), lax.broadcasted_iota(jnp.int32, (1, C), 1))
+    r = jnp.arange(C, dtype=jnp.int32)
+    return r[:, None], r[None, :]
+
+
+def intra_decay(lam, row, col):
+    """Masked decay matrix ``D [C, C]`` and query decay ``a [C, 1]``."""
+    rowf = row.astype(F32)
+    diff = rowf - col.astype(F32)
+    D = jnp.exp(jnp.where(row >= col, -lam * diff, -jnp.inf))
+    a = jnp.exp(-lam * (rowf + 1.0))
+    return D, a
+
+
+def state_decay(lam, row, m):
+    """Key decay ``b [C, 1]`` (zero on padded rows) and chunk decay ``g`` for a chunk of ``m`` real rows."""
+    bexp = (m - 1 - row).astype(F32)
+    b = jnp.exp(jnp.where(bexp >= 0.0, -lam * bexp, -jnp.inf))
+    g = jnp.exp(-lam * jnp.asarray(m).astype(F32))
+    return b, g
+
+
+def real_rows(n, C, T):
+    """Real rows in chunk ``n`` of a sequence of T tokens (only the last chunk may be short)."""
+    return jnp.minimum(C, T - n * C)
+
+
+def fwd_out(q, k, v, S, D, a, prec):
+    """Output of one chunk from the entering state S (float32)."""
+    cd = q.dtype
+    s = mm(q, k, tb=True, precision=prec) * D
+    return mm(s.astype(cd), v, precision=prec) + a * mm(q, S.astype(cd), precision=prec)
+
+
+def intra_out(q, k, v, D, prec):
+    s = mm(q, k, tb=True, precision=prec) * D
+    return mm(s.astype(q.dtype), v, precision=prec)
+
+
+def state_update(k, v, S, b, g, prec):
+    """S' = g S + (b K)^T V."""
+    kb = (k.astype(F32) * b).astype(k.dtype)
+    return g * S + mm(kb, v, ta=True, precision=prec)
+
+
+def dstate_update(q, do, dS, a, g, prec):
+    """dS_prev = g dS + (a Q)^T dO."""
+    qa = (q.astype(F32) * a).astype(q.dtype)
+    return g * dS + mm(qa, do, ta=True, precision=prec)
+
+
+def bwd_dq(do, v, k, S, D, a, prec):
+    """dQ = ((dO V^T) * D) K + a (dO S^T); S is the state entering the chunk."""
+    cd = do.dtype
+    dP = mm(do, v, tb=True, precision=prec) * D
+    return mm(dP.astype(cd), k, precision=prec) + a * mm(do, S.astype(cd), tb=True, precision=prec)
+
+
+def bwd_dk(do, v, q, dS, D, b, prec):
+    """dK = ((dO V^T) * D)^T Q + b (V dS^T); dS is the cotangent of the state leaving the chunk."""
+    cd = do.dtype
+    dP = mm(do, v, tb=True, precision=prec) * D
+    return mm(dP.astype(cd), q, ta=True, precision=prec) + b * mm(v, dS.astype(cd), tb=True, precision=prec)
+
+
+def bwd_dv(q, k, do, dS, D, b, prec):
+    """dV = ((Q K^T) * D)^T dO + b (K dS)."""
+    cd = q.dtype
+    P = mm(q, k, tb=True, precision=prec) * D
+    return mm(P.astype(cd), do, ta=True, precision=prec) + b * mm(k, dS.astype(cd), precision=prec)
+
+
+def pad_time(x, Tp):
+    T = x.shape[2]
+    if Tp == T:
+        return x
+    return jnp.pad(x, ((0, 0), (0, 0), (0, Tp - T), (0, 0)))

@@ -1,0 +1,97 @@
+"""The differentiable Pallas lightning-attention op: padding, strategy choice and a ``jax.custom_vjp``.
+
+The forward saves only its inputs ``(q, k, v, decay, h0)``, never per-chunk states; the backward
+recomputes them. Gradients flow to q, k, v and the initial state, and the cotangent of the final
+state is consumed (sequence parallelism and chunked training need it). ``decay`` is treated as a
+constant: its cotangent is zero (MiniMax's rates are fixed slopes; use ``backend="reference"`` to
+differentiate through the rates).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from pallas_kernels.lightning import common as cm
+
+F32 = jnp.float32
+
+
+@dataclasses.dataclass(frozen=True)
+class KernelConfig:
+    """Static choices for one call. ``impl``: ``"triton_fused"``, ``"triton_chunked"``, ``"mosaic_gpu"``,
+    ``"tpu"``. ``tuning``: sorted ``(name, value)`` pairs passed to the kernels."""
+
+    impl: str
+    block_size: int
+    interpret: bool = False
+    tuning: tuple = ()
+
+
+def _kernels(impl):
+    if impl == "triton_fused":
+        from pallas_kernels.lightning import gpu_triton as m
+        return m.fwd_fused, m.bwd_fused
+    if impl == "triton_chunked":
+        from pallas_kernels.lightning import gpu_triton as m
+        return m.fwd_chunked, m.bwd_chunked
+    if impl == "mosaic_gpu":
+        from pallas_kernels.lightning import gpu_mosaic as m
+        return m.fwd, m.bwd
+    if impl == "tpu":
+        from pallas_kernels.lightning import tpu as m
+        return m.fwd, m.bwd
+    raise ValueError(f"lightning_attention: unknown kernel implementation {impl!r}")
+
+
+def _split_tuning(tuning, prefix):
+    """``fwd_BV=32`` applies to the forward only, ``bwd_BV=32`` to the backward, ``BV=32`` to both."""
+    out = {}
+    for key, val in tuning:
+        if key.startswith("fwd_") or key.startswith("bwd_"):
+            if key.startswith(prefix):
+                out[key[len(prefix):]] = val
+        else:
+            out.setdefault(key, val)
+    return out
+
+
+@functools.lru_cache(maxsize=None)
+def _make_op(cfg: KernelConfig, T: int):
+    fwd_k, bwd_k = _kernels(cfg.impl)
+    kw = dict(T=T, C=cfg.block_size, interpret=cfg.interpret)
+    fkw = {**kw, **_split_tuning(cfg.tuning, "fwd_")}
+    bkw = {**kw, **_split_tuning(cfg.tuning, "bwd_")}
+
+    @jax.custom_vjp
+    def op(q, k, v, decay, h0):
+        return fwd_k(q, k, v, decay, h0, **fkw)
+
+    def op_fwd(q, k, v, decay, h0):
+        return fwd_k(q, k, v, decay, h0, **fkw), (q, k, v, decay, h0)
+
+    def op_bwd(res, cts):
+        q, k, v, decay, h0 = res
+        do, dht = cts
+        do = do.astype(q.dtype)
+        dq, dk, dv, dh0 = bwd_k(q, k, v, decay, h0, do, dht.astype(F32), **bkw)
+        return dq, dk, dv, jnp.zeros_like(decay), dh0.astype(h0.dtype)
+
+    op.defvjp(op_fwd, op_bwd)
+    return op
+
+
+def lightning_pallas(q, k, v, decay, initial_state, cfg: KernelConfig):
+    """Pads T to a multiple of the chunk, runs the custom_vjp op, slices the output back."""
+    B, H, T, Dk = q.shape
+    Dv = v.shape[-1]
+    C = cfg.block_size
+    Tp = -(-T // C) * C
+    h0 = jnp.zeros((B, H, Dk, Dv), F32) if initial_state is None else initial_state.astype(F32)
+    dt = q.dtype
+    qp, kp, vp = (cm.pad_time(x.astype(dt), Tp) for x in (q, k, v))
+    o, ht = _make_op(cfg, T)(qp, kp, vp, decay.astype(F32), h0)
+    return o[:, :, :T], ht
