@@ -5,7 +5,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels.lightning import reference
+from pallas_kernels.lightning import reference, vjp
+from pallas_kernels.lightning.vjp import KernelConfig
 
 BACKENDS = ("auto", "reference", "pallas_gpu", "pallas_tpu")
 DEFAULT_BLOCK_SIZE = 256
@@ -29,11 +30,22 @@ def _check_inputs(q, k, v, decay, initial_state, segment_ids):
 
 
 def resolve_backend(backend: str) -> str:
+    """``auto``: ``pallas_gpu`` on NVIDIA GPUs, ``pallas_tpu`` on TPUs, ``reference`` elsewhere (CPU)."""
     if backend not in BACKENDS:
         raise ValueError(f"lightning_attention: backend={backend!r}; expected one of {BACKENDS}")
     if backend != "auto":
         return backend
-    return "reference"  # Pallas backends are selected here once they exist (see pallas_kernels/lightning/)
+    platform = jax.default_backend()
+    if platform == "tpu":
+        return "pallas_tpu"
+    if platform in ("gpu", "cuda"):
+        try:
+            kind = jax.devices()[0].device_kind.lower()
+        except Exception:  # pragma: no cover
+            kind = ""
+        if "nvidia" in kind or platform == "cuda" or any(s in kind for s in ("h100", "h200", "a100", "b200")):
+            return "pallas_gpu"
+    return "reference"
 
 
 def lightning_attention(q, k, v, decay, *, initial_state=None, block_size=None, backend="auto",
@@ -44,23 +56,73 @@ def lightning_attention(q, k, v, decay, *, initial_state=None, block_size=None, 
       q, k: ``[B, H, T, Dk]``; v: ``[B, H, T, Dv]`` (bf16 or float32). No scale is applied.
       decay: ``[H]`` float32 rates lambda; the per-step factor is ``exp(-lambda)``.
       initial_state: optional ``[B, H, Dk, Dv]`` float32 state entering the sequence.
-      block_size: chunk length (default 256); it changes rounding only, never the result.
-      backend: ``"reference"``, ``"pallas_gpu"``, ``"pallas_tpu"`` or ``"auto"``.
+      block_size: chunk length; it changes rounding only, never the result. Default: 256 for the
+        reference, tuned per GPU strategy (a power of two) and 256 on TPU.
+      backend: ``"reference"``, ``"pallas_gpu"``, ``"pallas_tpu"`` or ``"auto"`` (Pallas on GPU/TPU,
+        the reference on CPU).
       interpret: run Pallas backends in interpret mode (on the CPU).
       segment_ids: optional ``[B, T]`` int document ids for packed rows; the state restarts at each
-        document start.
+        document start. Only the reference implements this: with a Pallas backend the call falls back
+        to the reference.
 
     Returns:
       ``(o, final_state)``: o ``[B, H, T, Dv]`` in q's dtype, final_state ``[B, H, Dk, Dv]`` float32.
     """
     _check_inputs(q, k, v, decay, initial_state, segment_ids)
-    block_size = DEFAULT_BLOCK_SIZE if block_size is None else int(block_size)
-    if block_size <= 0:
-        raise ValueError(f"lightning_attention: block_size must be positive; got {block_size}")
+    if block_size is not None:
+        block_size = int(block_size)
+        if block_size <= 0:
+            raise ValueError(f"lightning_attention: block_size must be positive; got {block_size}")
     backend = resolve_backend(backend)
     decay = decay.astype(jnp.float32)
     if initial_state is not None:
         initial_state = initial_state.astype(jnp.float32)
-    if backend == "reference":
+    if backend == "reference" or segment_ids is not None:
+        # Packed documents (segment_ids) are handled by the reference only: the Pallas kernels do not
+        # reset the state inside a sequence, so such calls fall back to the chunked jnp form.
+        block_size = DEFAULT_BLOCK_SIZE if block_size is None else block_size
         return reference.lightning_attention_chunked(q, k, v, decay, initial_state, block_size, segment_ids)
-    raise NotImplementedError(f"lightning_attention: backend {backend!r} is not available yet")
+    cfg = choose_kernel(backend, q.shape, v.shape[-1], q.dtype, block_size, interpret)
+    return vjp.lightning_pallas(q, k, v, decay, initial_state, cfg)
+
+
+def _pow2_at_least(n: int) -> int:
+    return 1 << max(0, (int(n) - 1).bit_length())
+
+
+# GPU defaults (tuned on H100, see docs/benchmarks/lightning_attention.md). Tuning keys prefixed
+# ``fwd_``/``bwd_`` apply to one direction only.
+GPU_FUSED = dict(block_size=64, tuning=(("fwd_BV", 64), ("fwd_num_warps", 4), ("bwd_BK", 64), ("bwd_BV", 64),
+                                        ("bwd_num_warps", 4)))
+GPU_CHUNKED = dict(block_size=64, tuning=(("BK", 64), ("BV", 64)))
+GPU_MIN_PROGRAMS = 96  # fused when B * H * (Dv / 64) reaches this many programs (H100: 132 SMs)
+TPU_BLOCK = 256
+
+
+def choose_kernel(backend, q_shape, dv, dtype, block_size=None, interpret=False, impl=None, tuning=None):
+    """The static kernel choice for a Pallas backend (exposed for benchmarks and tests)."""
+    B, H, T, Dk = q_shape
+    if backend == "pallas_tpu":
+        C = TPU_BLOCK if block_size is None else block_size
+        C = min(C, max(16, -(-T // 16) * 16))
+        return KernelConfig("tpu", int(C), bool(interpret), tuple(sorted((tuning or {}).items())))
+    if backend != "pallas_gpu":
+        raise ValueError(f"lightning_attention: backend {backend!r} has no Pallas kernel")
+    if impl is None:
+        impl = "triton_fused" if B * H * max(1, dv // 64) >= GPU_MIN_PROGRAMS else "triton_chunked"
+    defaults = GPU_FUSED if impl == "triton_fused" else GPU_CHUNKED
+    C = defaults["block_size"] if block_size is None else block_size
+    if C & (C - 1):
+        raise ValueError(f"lightning_attention: backend 'pallas_gpu' needs a power-of-two block_size; got {C}")
+    C = max(16, min(C, _pow2_at_least(T)))
+    tun = dict(defaults["tuning"]) if tuning is None else dict(tuning)
+    return KernelConfig(impl, int(C), bool(interpret), tuple(sorted(tun.items())))
+
+
+def lightning_attention_kernel(q, k, v, decay, *, initial_state=None, backend="pallas_gpu", block_size=None,
+                               interpret=False, impl=None, tuning=None):
+    """Like :func:`lightning_attention` with an explicit kernel choice (``impl``: ``"triton_fused"``,
+    ``"triton_chunked"``, ``"mosaic_gpu"``, ``"tpu"``) and tuning dict. For benchmarks and tests."""
+    _check_inputs(q, k, v, decay, initial_state, None)
+    cfg = choose_kernel(backend, q.shape, v.shape[-1], q.dtype, block_size, interpret, impl, tuning)
+    return vjp.lightning_pallas(q, k, v, decay.astype(jnp.float32), initial_state, cfg)
