@@ -1,0 +1,411 @@
+"""Lightning-attention benchmark on one GPU: our Pallas kernels vs the XLA reference, cuDNN softmax
+flash attention and fla's Triton ``chunk_simple_gla``.
+
+    python benchmarks/lightning_attention.py --out results/        # check + bench, table + PNG
+    python benchmarks/lightning_attention.py --mode tune           # sweep kernel configs per shape
+    python benchmarks/lightning_attention.py --mode check          # GPU correctness only
+
+Prints a table (ms forward / forward+backward, TFLOP/s) and writes ``lightning_attention.png`` and
+``lightning_attention.json`` to ``--out``. bf16 inputs, MiniMax-style slopes, an initial state given
+and the final state returned by every linear kernel. fla is optional (skipped if not importable).
+FLOPs: lightning forward ``B H T (2 C (Dk + Dv) + 4 Dk Dv)`` at C=64 for every linear kernel (the
+same nominal count for all), fwd+bwd = 3x forward; causal softmax forward ``2 B H T^2 D``,
+fwd+bwd = 3.5x forward.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import sys
+import time
+
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from pallas_kernels.lightning import op as lop  # noqa: E402
+from pallas_kernels.lightning import reference  # noqa: E402
+
+INTERPRET = bool(os.environ.get("LIGHTNING_BENCH_INTERPRET"))  # dry runs on CPU
+SHAPES = [(4, 16, 4096, 128), (1, 8, 32768, 128), (1, 64, 8192, 128), (8, 16, 2048, 128), (1, 8, 131072, 128)]
+
+
+def slopes(H, layer=40, L=80):
+    s = np.array([2.0 ** (-8.0 * (h + 1) / H) for h in range(H)], np.float64)
+    return (s * (1 - layer / (L - 1) + 1e-5)).astype(np.float32)
+
+
+def inputs(B, H, T, D, seed=0, dtype=jnp.bfloat16):
+    rng = np.random.default_rng(seed)
+    q, k, v = (rng.standard_normal((B, H, T, D), np.float32) * 0.1 for _ in range(3))
+    h0 = rng.standard_normal((B, H, D, D), np.float32) * 0.1
+    do = rng.standard_normal((B, H, T, D), np.float32)
+    cast = lambda x: jnp.asarray(x, dtype)
+    return dict(q=cast(q), k=cast(k), v=cast(v), decay=jnp.asarray(slopes(H)), h0=jnp.asarray(h0), do=cast(do))
+
+
+def time_jax(fn, args, *, min_time=0.3, max_iters=200):
+    out = fn(*args)
+    jax.block_until_ready(out)
+    t0 = time.perf_counter()
+    out = fn(*args)
+    jax.block_until_ready(out)
+    one = time.perf_counter() - t0
+    n = int(max(3, min(max_iters, min_time / max(one, 1e-6))))
+    jax.block_until_ready(fn(*args))
+    t0 = time.perf_counter()
+    for _ in range(n):  # back-to-back, one sync at the end
+        out = fn(*args)
+    jax.block_until_ready(out)
+    return (time.perf_counter() - t0) / n * 1e3
+
+
+def lin_flops(B, H, T, D, C=64):
+    return B * H * T * (2 * C * (D + D) + 4 * D * D)
+
+
+def sdpa_flops(B, H, T, D):
+    return 2 * B * H * T * T * D  # causal: half of 4 B H T^2 D
+
+
+# ---------------------------------------------------------------------------------------------
+# JAX candidates
+# ---------------------------------------------------------------------------------------------
+
+def ours_fns(impl, block_size=None, tuning=None):
+    def f(q, k, v, decay, h0):
+        return lop.lightning_attention_kernel(q, k, v, decay, initial_state=h0, impl=impl, block_size=block_size,
+                                              tuning=tuning, interpret=INTERPRET)
+    return f
+
+
+def auto_fn(q, k, v, decay, h0):
+    return lop.lightning_attention(q, k, v, decay, initial_state=h0, backend="pallas_gpu")
+
+
+def ref_fn(q, k, v, decay, h0):
+    return reference.lightning_attention_chunked(q, k, v, decay, h0, 256)
+
+
+def fwd_bwd(f):
+    def g(q, k, v, decay, h0, do):
+        def loss(q, k, v, h0):
+            o, ht = f(q, k, v, decay, h0)
+            return jnp.sum(o.astype(jnp.float32) * do.astype(jnp.float32)) + jnp.sum(ht)
+        return jax.grad(loss, argnums=(0, 1, 2, 3))(q, k, v, h0)
+    return g
+
+
+def time_pair(f, x, *, bwd=True):
+    fw = jax.jit(f)
+    a = (x["q"], x["k"], x["v"], x["decay"], x["h0"])
+    t_f = time_jax(fw, a)
+    t_b = time_jax(jax.jit(fwd_bwd(f)), a + (x["do"],)) if bwd else float("nan")
+    return t_f, t_b
+
+
+def cudnn_pair(x, bwd=True):
+    def f(q, k, v):
+        t = lambda z: jnp.swapaxes(z, 1, 2)  # [B, T, H, D]
+        return jax.nn.dot_product_attention(t(q), t(k), t(v), is_causal=True, implementation="cudnn")
+
+    def g(q, k, v, do):
+        return jax.grad(lambda q, k, v: jnp.sum(f(q, k, v).astype(jnp.float32) * jnp.swapaxes(do, 1, 2)),
+                        argnums=(0, 1, 2))(q, k, v)
+    a = (x["q"], x["k"], x["v"])
+    t_f = time_jax(jax.jit(f), a)
+    t_b = time_jax(jax.jit(g), a + (x["do"],)) if bwd else float("nan")
+    return t_f, t_b
+
+
+# ---------------------------------------------------------------------------------------------
+# fla (PyTorch + Triton)
+# ---------------------------------------------------------------------------------------------
+
+def fla_available():
+    try:
+        import torch  # noqa: F401
+        from fla.ops.simple_gla import chunk_simple_gla  # noqa: F401
+        return True
+    except Exception as e:  # pragma: no cover
+        print(f"fla not available: {e!r}")
+        return False
+
+
+def fla_clear_autotune():
+    import triton
+    n = 0
+    for name, mod in list(sys.modules.items()):
+        if not name.startswith("fla"):
+            continue
+        for obj in list(vars(mod).values()):
+            tuner = obj
+            while tuner is not None and not isinstance(tuner, triton.runtime.autotuner.Autotuner):
+                tuner = getattr(tuner, "fn", None) if not isinstance(tuner, type) else None
+            if tuner is not None and hasattr(tuner, "cache"):
+                tuner.cache.clear()
+                n += 1
+    return n
+
+
+def to_torch(x, dtype=None):
+    import torch
+    t = torch.from_numpy(np.asarray(jnp.asarray(x, jnp.float32))).cuda()
+    return t.to(dtype) if dtype is not None else t
+
+
+def fla_run(x):
+    """Returns (o [B,H,T,D] float32 numpy, ht, t_fwd ms, t_fwdbwd ms)."""
+    import torch
+    from fla.ops.simple_gla import chunk_simple_gla
+    fla_clear_autotune()
+    bf = torch.bfloat16
+    tr = lambda z: to_torch(z, bf).transpose(1, 2).contiguous()  # [B, T, H, D]
+    q, k, v, do = tr(x["q"]), tr(x["k"]), tr(x["v"]), tr(x["do"])
+    g = -to_torch(x["decay"])
+    h0 = to_torch(x["h0"])
+
+    def fwd():
+        return chunk_simple_gla(q, k, v, g_gamma=g, scale=1.0, initial_state=h0, output_final_state=True)
+
+    o, ht = fwd()
+    qg, kg, vg = (t.detach().clone().requires_grad_(True) for t in (q, k, v))
+    h0g = h0.clone().requires_grad_(True)
+
+    def fb():
+        o, ht = chunk_simple_gla(qg, kg, vg, g_gamma=g, scale=1.0, initial_state=h0g, output_final_state=True)
+        torch.autograd.backward((o, ht), (do, torch.ones_like(ht)))
+
+    def bench(fn):
+        fn()
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        fn()
+        torch.cuda.synchronize()
+        one = time.perf_counter() - t0
+        n = int(max(3, min(200, 0.3 / max(one, 1e-6))))
+        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        s.record()
+        for _ in range(n):
+            fn()
+        e.record()
+        torch.cuda.synchronize()
+        return s.elapsed_time(e) / n
+
+    t_f = bench(fwd)
+    t_b = bench(fb)
+    o_np = o.float().transpose(1, 2).cpu().numpy()
+    return o_np, ht.float().cpu().numpy(), t_f, t_b
+
+
+def rel(a, b):
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
+
+
+# ---------------------------------------------------------------------------------------------
+# Modes
+# ---------------------------------------------------------------------------------------------
+
+IMPLS = ["triton_fused", "triton_chunked", "mosaic_gpu"]
+
+
+def available_impls():
+    out = []
+    for impl in IMPLS:
+        if impl == "mosaic_gpu":
+            try:
+                from pallas_kernels.lightning import gpu_mosaic  # noqa: F401
+            except Exception as e:
+                print(f"mosaic_gpu impl not importable: {e!r}")
+                continue
+        out.append(impl)
+    return out
+
+
+def check(impls):
+    """Compiled GPU correctness against the scan recurrence: outputs and all gradients."""
+    print("== GPU correctness (relative error vs lax.scan recurrence, float32 math) ==")
+    ok = True
+    for dtype, tol in ((jnp.float32, 2e-4), (jnp.bfloat16, 2e-2)):
+        for (B, H, T, D) in ((2, 3, 200, 64), (1, 2, 300, 128)):
+            x = inputs(B, H, T, D, seed=1, dtype=dtype)
+            x["decay"] = jnp.asarray(np.geomspace(0.9, 1e-5, H).astype(np.float32))
+            f32 = lambda z: z.astype(jnp.float32)
+            rf = lambda q, k, v, d, h0: reference.lightning_attention_recurrent(f32(q), f32(k), f32(v), d, h0)
+            dht = jnp.asarray(np.random.default_rng(3).standard_normal((B, H, D, D)).astype(np.float32))
+
+            def grads(f):
+                def loss(q, k, v, h0):
+                    o, ht = f(q, k, v, x["decay"], h0)
+                    return jnp.sum(o.astype(jnp.float32) * x["do"].astype(jnp.float32)) + jnp.sum(ht * dht)
+                return jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3)))(x["q"], x["k"], x["v"], x["h0"])
+            a = (x["q"], x["k"], x["v"], x["decay"], x["h0"])
+            o_r, h_r = jax.jit(rf)(*a)
+            g_r = grads(rf)
+            for impl in impls:
+                for C in (16, 64):
+                    try:
+                        f = ours_fns(impl, block_size=C)
+                        o, h = jax.jit(f)(*a)
+                        g = grads(f)
+                        errs = [rel(o, o_r), rel(h, h_r)] + [rel(u, w) for u, w in zip(g, g_r)]
+                        good = max(errs) < tol
+                        ok &= good
+                        print(f"{'ok ' if good else 'BAD'} {impl:15s} {jnp.dtype(dtype).name:8s} C={C:3d} "
+                              f"{(B, H, T, D)} o/ht/dq/dk/dv/dh0 " + " ".join(f"{e:.1e}" for e in errs))
+                    except Exception as e:  # report and go on: one broken impl must not hide the rest
+                        ok = False
+                        print(f"ERR {impl} {jnp.dtype(dtype).name} C={C}: {type(e).__name__}: {str(e)[:400]}")
+    return ok
+
+
+def tune(impls, shapes):
+    configs = {
+        "triton_fused": [dict(block_size=c, tuning=dict(fwd_BV=bv, fwd_num_warps=w, bwd_BK=bv, bwd_BV=bv,
+                                                           bwd_num_warps=w))
+                         for c in (64, 128) for bv in (32, 64) for w in (4, 8)],
+        "triton_chunked": [dict(block_size=c, tuning=dict(BK=bk, BV=bk, fwd_BV_out=bo, bwd_BK_par=bo, bwd_BV_par=bo,
+                                                             num_warps=w))
+                           for c in (64, 128) for bk in (32, 64) for bo in (64, 128) for w in (4,)],
+        "mosaic_gpu": [dict(block_size=c) for c in (64, 128)],
+    }
+    res = []
+    for shp in shapes:
+        x = inputs(*shp)
+        for impl in impls:
+            for cfg in configs.get(impl, [dict()]):
+                try:
+                    tf, tb = time_pair(ours_fns(impl, **cfg), x)
+                except Exception as e:
+                    print(f"{shp} {impl} {cfg}: ERR {type(e).__name__}: {str(e)[:300]}")
+                    continue
+                print(f"{str(shp):22s} {impl:15s} {json.dumps(cfg):120s} fwd {tf:7.3f} fwd+bwd {tb:7.3f}", flush=True)
+                res.append(dict(shape=shp, impl=impl, cfg=cfg, fwd=tf, fwdbwd=tb))
+    return res
+
+
+def bench(impls, shapes, out_dir, with_fla=True, with_cudnn=True):
+    rows = []
+    have_fla = with_fla and fla_available()
+    for shp in shapes:
+        B, H, T, D = shp
+        x = inputs(*shp)
+        row = dict(shape=list(shp))
+        a = (x["q"], x["k"], x["v"], x["decay"], x["h0"])
+        o_auto, h_auto = jax.jit(auto_fn)(*a)
+        o_ref, h_ref = jax.jit(ref_fn)(*a)
+        row["auto_impl"] = lop.choose_kernel("pallas_gpu", x["q"].shape, D, x["q"].dtype).impl
+        row["err_vs_ref"] = [rel(o_auto.astype(jnp.float32), o_ref.astype(jnp.float32)), rel(h_auto, h_ref)]
+        row["ours"] = {}
+        for impl in impls:
+            try:
+                row["ours"][impl] = time_pair(ours_fns(impl), x)
+            except Exception as e:
+                print(f"{shp} {impl}: ERR {type(e).__name__}: {str(e)[:300]}")
+        row["auto"] = time_pair(auto_fn, x)
+        row["xla_ref"] = time_pair(ref_fn, x)
+        if with_cudnn:
+            try:
+                row["cudnn"] = cudnn_pair(x)
+            except Exception as e:
+                print(f"{shp} cudnn: ERR {type(e).__name__}: {str(e)[:300]}")
+        if have_fla:
+            o_f, h_f, tf, tb = fla_run(x)
+            row["fla"] = (tf, tb)
+            row["err_vs_fla"] = [rel(np.asarray(o_auto, np.float32), o_f), rel(h_auto, h_f)]
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    return rows
+
+
+def table(rows):
+    lines = []
+    hdr = ("| B,H,T,D | ours (auto) fwd / fwd+bwd ms | TFLOP/s | fla fwd / fwd+bwd ms | ratio fla/ours | "
+           "XLA ref fwd / fwd+bwd | cuDNN softmax fwd / fwd+bwd | other impls fwd / fwd+bwd |")
+    lines += [hdr, "|" + "---|" * hdr.count("|")[:-1] if False else "|" + "---|" * (hdr.count("|") - 1)]
+    for r in rows:
+        B, H, T, D = r["shape"]
+        af, ab = r["auto"]
+        fl = lin_flops(B, H, T, D)
+        tfl = f"{fl / af / 1e9:.0f} / {3 * fl / ab / 1e9:.0f}"
+        fla = r.get("fla")
+        fla_s = f"{fla[0]:.3f} / {fla[1]:.3f}" if fla else "-"
+        ratio = f"{fla[0] / af:.2f}x / {fla[1] / ab:.2f}x" if fla else "-"
+        cu = r.get("cudnn")
+        cu_s = f"{cu[0]:.3f} / {cu[1]:.3f}" if cu else "-"
+        oth = "; ".join(f"{k}: {v[0]:.3f} / {v[1]:.3f}" for k, v in r["ours"].items())
+        lines.append(f"| {B},{H},{T},{D} | {af:.3f} / {ab:.3f} ({r['auto_impl']}) | {tfl} | {fla_s} | {ratio} | "
+                     f"{r['xla_ref'][0]:.3f} / {r['xla_ref'][1]:.3f} | {cu_s} | {oth} |")
+    return "\n".join(lines)
+
+
+def plot(rows, path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    labels = [",".join(map(str, r["shape"])) for r in rows]
+    series = {"ours (auto)": [r["auto"] for r in rows], "fla chunk_simple_gla": [r.get("fla", (np.nan,) * 2) for r in rows],
+              "XLA reference": [r["xla_ref"] for r in rows], "cuDNN softmax": [r.get("cudnn", (np.nan,) * 2) for r in rows]}
+    fig, axes = plt.subplots(1, 2, figsize=(14, 5))
+    w = 0.2
+    for ax, idx, title in ((axes[0], 0, "forward"), (axes[1], 1, "forward + backward")):
+        for j, (name, vals) in enumerate(series.items()):
+            ax.bar(np.arange(len(rows)) + (j - 1.5) * w, [v[idx] for v in vals], w, label=name)
+        ax.set_yscale("log")
+        ax.set_xticks(np.arange(len(rows)))
+        ax.set_xticklabels(labels, rotation=20, fontsize=8)
+        ax.set_ylabel("ms (log)")
+        ax.set_title(f"lightning attention {title}, bf16, (B,H,T,D)")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--mode", default="all", choices=["all", "check", "tune", "bench"])
+    p.add_argument("--out", default=".")
+    p.add_argument("--shapes", default="all", help="'all' or indices into SHAPES, e.g. 0,2")
+    p.add_argument("--impls", default="all")
+    p.add_argument("--no-fla", action="store_true")
+    p.add_argument("--no-cudnn", action="store_true")
+    args = p.parse_args()
+    os.makedirs(args.out, exist_ok=True)
+    shapes = SHAPES if args.shapes == "all" else [SHAPES[int(i)] for i in args.shapes.split(",")]
+    impls = available_impls() if args.impls == "all" else args.impls.split(",")
+    dev = jax.devices()[0]
+    meta = dict(date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="minutes"),
+                device=dev.device_kind, jax=jax.__version__, command=" ".join(sys.argv))
+    try:
+        import torch
+        meta["torch"] = torch.__version__
+        import triton
+        meta["triton"] = triton.__version__
+        import fla
+        meta["fla"] = getattr(fla, "__version__", "?")
+    except Exception:
+        pass
+    print(json.dumps(meta))
+    if args.mode in ("all", "check"):
+        print("GPU correctness:", "PASS" if check(impls) else "FAIL")
+    if args.mode == "tune":
+        res = tune(impls, shapes)
+        with open(os.path.join(args.out, "lightning_tune.json"), "w") as f:
+            json.dump(dict(meta=meta, results=res), f, indent=1)
+    if args.mode in ("all", "bench"):
+        rows = bench(impls, shapes, args.out, with_fla=not args.no_fla, with_cudnn=not args.no_cudnn)
+        print(table(rows))
+        with open(os.path.join(args.out, "lightning_attention.json"), "w") as f:
+            json.dump(dict(meta=meta, rows=rows), f, indent=1)
+        plot(rows, os.path.join(args.out, "lightning_attention.png"))
+
+
+if __name__ == "__main__":
+    main()
