@@ -22,7 +22,9 @@ Conventions (``Conventions``; every one is a switch):
 * ``mla`` (DeepSeek only, default "naive"): MLA core with decompressed K/V, per head and context
   token (192 + 128) MACs; "absorbed" (the serving form): (512 + 64) + 512 MACs over the latent.
 * ``experts`` (default "active"): top-k experts (+ shared ones). "all" counts every expert for every
-  token (what a dense MoE implementation computes).
+  token (what ``moe_impl="dense"`` computes). "all_per_choice" counts every (token, choice) row against
+  every expert, i.e. k x all: what ``lax.ragged_dot`` lowers to on the CPU, so what XLA's CPU cost
+  analysis reports for ``moe_impl="ragged"`` (an implementation artefact, not the model's cost).
 * ``lm_head`` / ``router`` (default True). The input-embedding lookup is a gather: 0 FLOPs.
 
 Generation of L tokens from an empty context is ``sum_{t=0}^{L-1} F(t)`` (``generation_flops``); a
@@ -44,7 +46,7 @@ from m1_jax.config import FULL, LINEAR, ModelConfig
 
 LIGHTNING_MODES = ("recurrent", "chunked")
 MLA_MODES = ("naive", "absorbed")
-EXPERT_MODES = ("active", "all")
+EXPERT_MODES = ("active", "all", "all_per_choice")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,6 +90,7 @@ class Layer:
     ffn_params: int  # weights one token uses in the FFN (active experts + shared / dense FFN)
     ffn_params_all: int  # every expert (== ffn_params for a dense FFN)
     router_params: int = 0
+    top_k: int = 0  # routed experts per token (0: dense FFN)
     hidden: int = 0  # d_model (elementwise estimate only)
     d_ff_active: int = 0  # active intermediate width summed over used experts (elementwise only)
     mla_latent: int = 0  # kv_lora_rank (MLA absorbed form)
@@ -130,7 +133,7 @@ def arch_from_config(cfg: ModelConfig, name: str = "config") -> Arch:
         layers.append(Layer(attn=attn, n_heads=cfg.num_attention_heads, d_qk=hd, d_v=hd, attn_params=proj,
                             ffn_params=cfg.num_experts_per_tok * expert,
                             ffn_params_all=cfg.num_local_experts * expert,
-                            router_params=H * cfg.num_local_experts, hidden=H,
+                            router_params=H * cfg.num_local_experts, top_k=cfg.num_experts_per_tok, hidden=H,
                             d_ff_active=cfg.num_experts_per_tok * cfg.intermediate_size))
     n_lin = sum(t == LINEAR for t in cfg.layer_types)
     return Arch(name=name, layers=tuple(layers), hidden=H, vocab=cfg.vocab_size, block_size=cfg.block_size,
@@ -190,6 +193,14 @@ def _elementwise(layer: Layer, ctx: float, intra: float, conv: Conventions) -> f
     return f
 
 
+def _ffn_params(layer: Layer, conv: Conventions) -> float:
+    if conv.experts == "all":
+        return layer.ffn_params_all
+    if conv.experts == "all_per_choice":
+        return layer.ffn_params_all * layer.top_k if layer.top_k else layer.ffn_params
+    return layer.ffn_params
+
+
 def _contexts(t: float, seq_len: int | None, block: int, conv: Conventions) -> tuple[float, float]:
     if conv.causal:
         return t + 1, (t % block) + 1
@@ -208,7 +219,7 @@ def flops_breakdown_per_token(model: Model, t: int, conv: Conventions = DECODE,
            "lm_head": 0.0, "elementwise": 0.0}
     for l in arch.layers:
         out["attn_proj"] += fpm * l.attn_params
-        out["ffn"] += fpm * (l.ffn_params_all if conv.experts == "all" else l.ffn_params)
+        out["ffn"] += fpm * _ffn_params(l, conv)
         out["router"] += fpm * l.router_params if conv.router else 0.0
         key = "lightning_core" if l.attn == "lightning" else "softmax_core"
         out[key] += fpm * _core_macs(l, ctx, intra, conv)

@@ -47,7 +47,7 @@ def deepseek_r1() -> Arch:
         layers.append(Layer(
             attn="mla", n_heads=heads, d_qk=nope + rope, d_v=v, attn_params=attn,
             ffn_params=9 * expert if moe else dense_ffn, ffn_params_all=257 * expert if moe else dense_ffn,
-            router_params=d * 256 if moe else 0, hidden=d, d_ff_active=9 * 2048 if moe else 18432,
+            router_params=d * 256 if moe else 0, top_k=8 if moe else 0, hidden=d, d_ff_active=9 * 2048 if moe else 18432,
             mla_latent=kv_lora, mla_rope=rope))
     return Arch(name="DeepSeek-R1", layers=tuple(layers), hidden=d, vocab=129_280,
                 notes="MLA q_lora 1536, kv_lora 512, qk 128+64, v 128; 3 dense + 58 MoE (8 of 256 + 1 shared)")
@@ -59,7 +59,7 @@ def qwen3_235b_a22b() -> Arch:
     attn = d * heads * hd + 2 * d * kv_heads * hd + heads * hd * d
     expert = 3 * d * 1536
     layer = Layer(attn="softmax", n_heads=heads, d_qk=hd, d_v=hd, attn_params=attn, ffn_params=8 * expert,
-                  ffn_params_all=128 * expert, router_params=d * 128, hidden=d, d_ff_active=8 * 1536)
+                  ffn_params_all=128 * expert, router_params=d * 128, top_k=8, hidden=d, d_ff_active=8 * 1536)
     return Arch(name="Qwen3-235B-A22B", layers=(layer,) * 94, hidden=d, vocab=151_936,
                 notes="GQA 64/4 x 128; MoE 8 of 128, d_ff 1536")
 
