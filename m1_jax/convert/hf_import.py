@@ -1,44 +1,37 @@
-"""Load a Hugging Face / original MiniMax checkpoint folder into ``MiniMaxForCausalLM``."""
+"""Read a Hugging Face / original MiniMax checkpoint folder into ``MiniMaxForCausalLM``, tensor by tensor.
+
+``plan_import`` checks a folder against the key table (config, index, headers; no weights read) and
+says where every one of our parameters comes from. ``load_hf_checkpoint`` then builds each parameter
+with ``jax.make_array_from_callback`` directly in its target sharding: every device shard is filled
+from the HF tensors it needs, read one at a time, so host memory holds one shard plus one tensor.
+"""
 
 from __future__ import annotations
 
-import json
+import dataclasses
+import math
 import os
-from typing import Any
+import re
+from typing import Callable, Iterator
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from m1_jax.config import ModelConfig
-from m1_jax.convert.mapping import DERIVED_KEY, hf_key_map, to_ours
+from m1_jax.config import FULL, LINEAR, ConfigError, ModelConfig
+from m1_jax.convert.errors import CheckpointError
+from m1_jax.convert.mapping import (DERIVED_KEY, FusedPart, Target, fused_key_map, hf_key_map, is_router,
+                                    leaf_sources, take_fused, to_ours)
+from m1_jax.convert.safetensors_io import (INDEX_NAME, NAME_TO_ST, ST_TO_NAME, ST_TO_NP, SafetensorsFolder,
+                                           TensorReader)
 from m1_jax.model import MiniMaxForCausalLM
 
-
-class CheckpointError(ValueError):
-    """A checkpoint folder does not match what the config and the key mapping expect."""
-
-
-def read_hf_config(path: str) -> dict[str, Any]:
-    cfg_path = os.path.join(path, "config.json")
-    if not os.path.isfile(cfg_path):
-        raise CheckpointError(f"{path}: no config.json (expected a HF checkpoint folder)")
-    with open(cfg_path) as f:
-        return json.load(f)
-
-
-def safetensors_files(path: str) -> list[str]:
-    index = os.path.join(path, "model.safetensors.index.json")
-    if os.path.isfile(index):
-        with open(index) as f:
-            weight_map = json.load(f)["weight_map"]
-        files = sorted(set(weight_map.values()))
-    else:
-        files = sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))
-    if not files:
-        raise CheckpointError(f"{path}: no *.safetensors files")
-    return [os.path.join(path, f) for f in files]
+_LAYER_KEY = re.compile(r"^model\.layers\.(\d+)\.(.*)$")
+_EXPERT_KEY = re.compile(r"block_sparse_moe\.experts\.(\d+)\.")
+_LIGHTNING_PARTS = ("qkv_proj", "output_gate", "out_proj", "self_attn.norm.")
+_SOFTMAX_PARTS = ("q_proj", "k_proj", "v_proj", "o_proj")
+_FLOAT_ST = ("F32", "BF16", "F16")
+_ROUTER_KEY = re.compile(r"^model\.layers\.\d+\.(block_sparse_moe|mlp)\.gate\.weight$")
 
 
 def abstract_model(config: ModelConfig):
@@ -46,42 +39,269 @@ def abstract_model(config: ModelConfig):
     return nnx.eval_shape(lambda: MiniMaxForCausalLM(config, rngs=nnx.Rngs(0)))
 
 
-def load_hf_checkpoint(path: str, *, dtype: str | None = None, mesh=None):
+def config_from_hf(hf_cfg: dict, where: str, **overrides) -> ModelConfig:
+    try:
+        return ModelConfig.from_hf(hf_cfg, **overrides)
+    except ConfigError as e:
+        raise CheckpointError(f"{where}: {e}") from None
+
+
+@dataclasses.dataclass
+class ImportPlan:
+    """A checked checkpoint folder: where every on-disk key of ``key_map`` is read from."""
+
+    folder: SafetensorsFolder
+    config: ModelConfig
+    key_map: dict[str, Target]
+    # on-disk key -> (key in the files, FusedPart when it is a slice of a transformers-5 fused tensor)
+    sources: dict[str, tuple[str, FusedPart | None]]
+    storage_dtype: str | None  # checkpoint dtype name ("bfloat16", ...); None when no headers were read
+    router_dtype: str | None
+    dropped: list[str]  # derived HF buffers that are ignored
+
+    @property
+    def num_params(self) -> int:
+        return sum(math.prod(t.hf_shape) for t in self.key_map.values())
+
+    def tensor_bytes(self, key: str) -> int:
+        src, part = self.sources[key]
+        info = self.folder.tensors.get(src)
+        if info is None:
+            return 0
+        if part is None:
+            return info.nbytes
+        return math.prod(self.key_map[key].hf_shape) * ST_TO_NP[info.dtype].itemsize
+
+
+# ------------------------------------------------------------------------------------------- checking
+def _describe_shape(kind_key: str, c: ModelConfig) -> str:
+    if "embed_tokens" in kind_key or kind_key == "lm_head.weight":
+        return f"vocab_size={c.vocab_size}, hidden_size={c.hidden_size}"
+    if "experts" in kind_key or "gate_up_proj" in kind_key or "down_proj" in kind_key:
+        return f"num_local_experts={c.num_local_experts}, hidden_size={c.hidden_size}, " \
+               f"intermediate_size={c.intermediate_size}"
+    if "gate.weight" in kind_key:
+        return f"num_local_experts={c.num_local_experts}, hidden_size={c.hidden_size}"
+    if any(p in kind_key for p in ("k_proj", "v_proj")):
+        return f"num_key_value_heads={c.num_key_value_heads}, head_dim={c.head_dim}, hidden_size={c.hidden_size}"
+    if "self_attn" in kind_key:
+        return f"num_attention_heads={c.num_attention_heads}, head_dim={c.head_dim}, hidden_size={c.hidden_size}"
+    return f"hidden_size={c.hidden_size}"
+
+
+def _contradiction(key: str, c: ModelConfig, where: str) -> str | None:
+    """If an unexpected key means config.json contradicts the weights, say how."""
+    m = _LAYER_KEY.match(key)
+    if not m:
+        return None
+    layer, rest = int(m.group(1)), m.group(2)
+    if layer >= c.num_hidden_layers:
+        return (f"{where}: config.json contradicts the weights: num_hidden_layers = {c.num_hidden_layers} but "
+                f"the checkpoint has tensor {key!r} of layer {layer}")
+    t = c.layer_types[layer]
+    if rest.startswith("self_attn."):
+        if t == FULL and any(p in rest for p in _LIGHTNING_PARTS):
+            return (f"{where}: config.json contradicts the weights: layer {layer} is {FULL!r} in config.json "
+                    f"(layer_types / attn_type_list) but the checkpoint has {key!r}, a {LINEAR!r} (lightning) "
+                    f"tensor")
+        if t == LINEAR and any(p in rest for p in _SOFTMAX_PARTS):
+            return (f"{where}: config.json contradicts the weights: layer {layer} is {LINEAR!r} in config.json "
+                    f"(layer_types / attn_type_list) but the checkpoint has {key!r}, a {FULL!r} (softmax) tensor")
+    e = _EXPERT_KEY.search(rest)
+    if e and int(e.group(1)) >= c.num_local_experts:
+        return (f"{where}: config.json contradicts the weights: num_local_experts = {c.num_local_experts} but the "
+                f"checkpoint has tensor {key!r} of expert {int(e.group(1))}")
+    return None
+
+
+def _storage_dtype(folder: SafetensorsFolder, hf_cfg: dict) -> tuple[str | None, str]:
+    """The checkpoint's dtype name and where it came from (config.json, else the embedding's dtype)."""
+    named = hf_cfg.get("torch_dtype") or hf_cfg.get("dtype")
+    if named in NAME_TO_ST:
+        return named, f"config.json torch_dtype = {named}"
+    info = folder.tensors.get("model.embed_tokens.weight")
+    if info is not None and info.dtype in ST_TO_NAME:
+        return ST_TO_NAME[info.dtype], f"the dtype of model.embed_tokens.weight ({info.dtype})"
+    return None, "unknown"
+
+
+def plan_import(path: str, *, dtype: str | None = None, headers: bool = True) -> ImportPlan:
+    """Check a HF checkpoint folder against the key table without reading any weights.
+
+    Raises ``CheckpointError`` naming the file and tensor for: a missing, unexpected, wrongly shaped or
+    wrongly typed tensor; a config.json that contradicts the weights; a truncated or corrupt file; an
+    index that disagrees with the files. ``headers=False`` checks only config.json and the index keys.
+    """
+    folder = SafetensorsFolder(path, headers=headers)
+    hf_cfg = folder.config
+    storage, storage_why = _storage_dtype(folder, hf_cfg) if headers else (None, "")
+    target = dtype or storage
+    overrides = {"param_dtype": target, "dtype": target} if target else {}
+    config = config_from_hf(hf_cfg, os.path.join(path, "config.json"), **overrides)
+    key_map = hf_key_map(config)
+    fused = fused_key_map(config)
+    sources: dict[str, tuple[str, FusedPart | None]] = {}
+    dropped: list[str] = []
+    expected_shape: dict[str, tuple] = {}
+
+    def where(key: str) -> str:
+        info = folder.tensors.get(key)
+        if info is not None:
+            return info.file
+        if folder.index is not None and key in folder.index:
+            return os.path.join(path, INDEX_NAME)
+        return path
+
+    for key in folder.keys:
+        if DERIVED_KEY.match(key):
+            dropped.append(key)
+        elif key in key_map:
+            sources[key] = (key, None)
+            expected_shape[key] = key_map[key].hf_shape
+        elif key in fused:
+            shape, parts = fused[key]
+            expected_shape[key] = shape
+            for part in parts:
+                sources[part.key] = (key, part)
+        else:
+            msg = _contradiction(key, config, where(key))
+            if msg is None and key.replace(".mlp.", ".block_sparse_moe.", 1) != key:
+                msg = _contradiction(key.replace(".mlp.", ".block_sparse_moe.", 1), config, where(key))
+            raise CheckpointError(msg or f"{where(key)}: unexpected tensor {key!r}: not part of a MiniMax "
+                                         f"checkpoint with this config.json")
+    missing = [k for k in key_map if k not in sources]
+    if missing:
+        raise CheckpointError(f"{path}: missing tensor {missing[0]!r}"
+                              + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
+                              + f"; config.json expects {len(key_map)} tensors")
+    router = None
+    if headers:
+        for key, want in expected_shape.items():
+            info = folder.tensors[key]
+            if info.shape != tuple(want):
+                raise CheckpointError(f"{info.file}: tensor {key!r} has shape {info.shape}; expected {tuple(want)} "
+                                      f"(from config.json: {_describe_shape(key, config)})")
+        for key, info in folder.tensors.items():
+            if key in dropped:
+                continue
+            if info.dtype not in _FLOAT_ST:
+                raise CheckpointError(f"{info.file}: tensor {key!r} has dtype {info.dtype}; expected a float "
+                                      f"dtype ({', '.join(_FLOAT_ST)})")
+            want = NAME_TO_ST[storage] if storage else info.dtype
+            if _ROUTER_KEY.match(key):
+                if info.dtype not in ("F32", want):
+                    raise CheckpointError(f"{info.file}: router tensor {key!r} has dtype {info.dtype}; expected "
+                                          f"F32 or {want} ({storage_why})")
+                router = router or ST_TO_NAME[info.dtype]
+            elif info.dtype != want:
+                raise CheckpointError(f"{info.file}: tensor {key!r} has dtype {info.dtype}; expected {want} "
+                                      f"({storage_why})")
+    return ImportPlan(folder, config, key_map, sources, storage, router, dropped)
+
+
+# ------------------------------------------------------------------------------------------- reading
+class SourceReader:
+    """Reads on-disk keys of a plan (slicing transformers-5 fused tensors), keeping the last fused tensor."""
+
+    def __init__(self, plan: ImportPlan, on_read: Callable[[int], None] | None = None):
+        self.plan = plan
+        self._reader = TensorReader(plan.folder)
+        self._fused_key: str | None = None
+        self._fused: np.ndarray | None = None
+        self._on_read = on_read
+
+    def hf(self, key: str) -> np.ndarray:
+        """The HF tensor ``key`` (on-disk layout and dtype)."""
+        src, part = self.plan.sources[key]
+        if part is None:
+            w = self._reader.read(src)
+        else:
+            if src != self._fused_key:
+                self._fused, self._fused_key = None, None
+                self._fused, self._fused_key = self._reader.read(src), src
+            w = take_fused(part, self._fused)
+        if self._on_read is not None:
+            self._on_read(w.nbytes)
+        return w
+
+    def ours(self, key: str) -> np.ndarray:
+        """The HF tensor ``key`` in our layout (one slice of a stacked leaf), still in its disk dtype."""
+        return to_ours(self.plan.key_map[key].kind, self.hf(key), self.plan.config)
+
+    def close(self) -> None:
+        self._reader.close()
+        self._fused = None
+
+
+def _normalize(index: tuple, shape: tuple) -> tuple[slice, ...]:
+    index = tuple(index) + (slice(None),) * (len(shape) - len(index))
+    return tuple(slice(*s.indices(n)) for s, n in zip(index, shape))
+
+
+def fill_shard(reader: SourceReader, entries: list[tuple[tuple, str]], shape: tuple, dtype,
+               index: tuple) -> np.ndarray:
+    """The part ``index`` of one leaf of ``shape``, read from the HF tensors ``entries``
+    (``[(stack index, key)]``)."""
+    sl = _normalize(index, shape)
+    nstack = len(entries[0][0])
+    out = np.empty(tuple(len(range(*s.indices(n))) for s, n in zip(sl, shape)), dtype)
+    inner = sl[nstack:]
+    for stack_idx, key in entries:
+        local = []
+        for i, s in zip(stack_idx, sl[:nstack]):
+            if not (s.start <= i < s.stop) or (i - s.start) % s.step:
+                break
+            local.append((i - s.start) // s.step)
+        else:
+            out[tuple(local)] = reader.ours(key)[inner]
+    return out
+
+
+def leaf_entries(plan: ImportPlan) -> dict[tuple, list[tuple[tuple, str]]]:
+    return leaf_sources(plan.key_map)
+
+
+def load_hf_checkpoint(path: str, *, dtype: str | None = None, mesh=None, progress: bool = False):
     """Read ``config.json`` and the safetensors files of a HF MiniMax checkpoint; return ``(config, model)``.
 
-    HF's derived decay buffers are ignored. ``dtype`` overrides the parameter dtype (default: the
-    checkpoint's). The router stays float32.
+    Each parameter is assembled straight into its sharding on ``mesh`` (default: the first device),
+    shard by shard, reading one HF tensor at a time. HF's derived decay buffers are dropped. ``dtype``
+    overrides the parameter dtype (default: the checkpoint's). The router stays float32.
     """
-    from safetensors import safe_open
+    from m1_jax.convert.placement import param_shardings
+    from m1_jax.convert.progress import Progress
 
-    hf_cfg = read_hf_config(path)
-    overrides = {} if dtype is None else {"param_dtype": dtype, "dtype": dtype}
-    config = ModelConfig.from_hf(hf_cfg, **overrides)
-    key_map = hf_key_map(config)
+    plan = plan_import(path, dtype=dtype)
+    config = plan.config
     graphdef, abstract_state = nnx.split(abstract_model(config))
     flat = dict(nnx.to_flat_state(abstract_state))
-    buffers = {path_: np.zeros(var.value.shape, np.float32) for path_, var in flat.items()}
-    seen = set()
-    for file in safetensors_files(path):
-        with safe_open(file, framework="numpy") as f:
-            for key in f.keys():
-                if DERIVED_KEY.match(key):
-                    continue
-                if key not in key_map:
-                    raise CheckpointError(f"{file}: unexpected tensor {key!r} (not part of a MiniMax checkpoint "
-                                          f"with this config.json)")
-                t = key_map[key]
-                w = f.get_tensor(key)
-                if tuple(w.shape) != t.hf_shape:
-                    raise CheckpointError(f"{file}: tensor {key!r} has shape {tuple(w.shape)}; expected {t.hf_shape}")
-                buffers[t.path][t.index] = to_ours(t.kind, np.asarray(w, np.float32), config)
-                seen.add(key)
-    missing = sorted(set(key_map) - seen)
-    if missing:
-        raise CheckpointError(f"{path}: missing {len(missing)} tensors, e.g. {missing[:3]}")
-    for path_, var in flat.items():
-        var.value = jnp.asarray(buffers[path_], dtype=var.value.dtype)
+    shardings = param_shardings(abstract_state, mesh)
+    entries = leaf_entries(plan)
+    total = sum(plan.tensor_bytes(k) for k in plan.key_map)
+    with Progress(total, len(plan.key_map), f"import {os.path.basename(os.path.normpath(path))}",
+                  enabled=progress) as bar:
+        reader = SourceReader(plan, on_read=bar.bytes)
+        try:
+            for p, var in flat.items():
+                sds = var.get_value()
+                cache: dict = {}
+
+                def cb(index, p=p, sds=sds, cache=cache):
+                    k = tuple((s.start, s.stop, s.step) for s in _normalize(index, sds.shape))
+                    if k not in cache:
+                        cache[k] = fill_shard(reader, entries[p], sds.shape, sds.dtype, index)
+                    return cache[k]
+
+                var.set_value(jax.make_array_from_callback(sds.shape, shardings[p], cb))
+                cache.clear()
+                bar.tensors(len(entries[p]))
+        finally:
+            reader.close()
     model = nnx.merge(graphdef, nnx.from_flat_state(flat))
-    if mesh is not None:
-        raise NotImplementedError("load_hf_checkpoint(mesh=...) arrives with the streaming converter")
     return config, model
+
+
+def iter_leaf_pieces(reader: SourceReader, entries: list[tuple[tuple, str]], dtype) -> Iterator[tuple[tuple, np.ndarray]]:
+    """``(stack index, slice in our layout and dtype)`` for every HF tensor of one leaf, in order."""
+    for stack_idx, key in entries:
+        yield stack_idx, np.asarray(reader.ours(key), dtype=dtype)

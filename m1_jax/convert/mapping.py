@@ -1,7 +1,10 @@
 """The one table between HF / PyTorch checkpoint keys and this package's parameter tree.
 
 HF keys are the on-disk safetensors names written by the original remote code and by transformers'
-``save_pretrained`` (per-expert ``block_sparse_moe.experts.{e}.w1/w2/w3``). PyTorch Linear weights are
+``save_pretrained`` (per-expert ``block_sparse_moe.experts.{e}.w1/w2/w3``). transformers >= 5 holds
+experts fused in memory (``mlp.gate.weight``, ``mlp.experts.gate_up_proj [E, 2I, H]`` = concat of
+``w1_e`` then ``w3_e`` rows, ``mlp.experts.down_proj [E, H, I]`` = stacked ``w2_e``); ``fused_key_map``
+says which on-disk key each fused slice is, so a state dict saved under those names reads the same way. PyTorch Linear weights are
 ``[out, in]``; ours are ``[in, ...out]`` with heads split out. Scanned blocks stack layers: HF layer
 ``l`` is block ``l // p``, position ``l % p`` in the block (p = ``config.layer_period``), and experts
 stack on the next axis.
@@ -104,3 +107,55 @@ def to_hf(kind: str, w: np.ndarray) -> np.ndarray:
     if kind == "heads_vec":
         return w.reshape(-1)
     raise ValueError(f"unknown tensor kind {kind!r}")
+
+
+# ------------------------------------------------------------------ transformers 5 in-memory fused names
+@dataclasses.dataclass(frozen=True)
+class FusedPart:
+    """On-disk key ``key`` is ``fused[expert]`` (``half`` None), or its first (``"gate"``, w1) or second
+    (``"up"``, w3) half of rows."""
+
+    key: str
+    expert: int | None
+    half: str | None
+
+
+def fused_key_map(config: ModelConfig) -> dict[str, tuple[tuple, list[FusedPart]]]:
+    """transformers-5 in-memory key -> (its shape, the on-disk keys it holds)."""
+    c = config
+    H, E, I = c.hidden_size, c.num_local_experts, c.intermediate_size
+    out: dict[str, tuple[tuple, list[FusedPart]]] = {}
+    for l in range(c.num_hidden_layers):
+        pre, moe = f"model.layers.{l}.mlp.", f"model.layers.{l}.block_sparse_moe."
+        out[pre + "gate.weight"] = ((E, H), [FusedPart(moe + "gate.weight", None, None)])
+        out[pre + "experts.gate_up_proj"] = ((E, 2 * I, H), [
+            FusedPart(moe + f"experts.{e}.{w}.weight", e, half)
+            for e in range(E) for w, half in (("w1", "gate"), ("w3", "up"))])
+        out[pre + "experts.down_proj"] = ((E, H, I), [FusedPart(moe + f"experts.{e}.w2.weight", e, None)
+                                                      for e in range(E)])
+    return out
+
+
+def take_fused(part: FusedPart, w: np.ndarray) -> np.ndarray:
+    """The on-disk tensor ``part.key`` out of its fused tensor ``w`` (a view)."""
+    if part.expert is None:
+        return w
+    w = w[part.expert]
+    if part.half is None:
+        return w
+    half = w.shape[0] // 2
+    return w[:half] if part.half == "gate" else w[half:]
+
+
+def leaf_sources(key_map: dict[str, Target]) -> dict[tuple, list[tuple[tuple, str]]]:
+    """Inverse of the table: our leaf path -> ``[(index into its stacked axes, HF key), ...]``."""
+    out: dict[tuple, list[tuple[tuple, str]]] = {}
+    for key, t in key_map.items():
+        out.setdefault(t.path, []).append((t.index, key))
+    for v in out.values():
+        v.sort()
+    return out
+
+
+def is_router(key: str) -> bool:
+    return key.endswith("block_sparse_moe.gate.weight")
