@@ -1,4 +1,4 @@
-"""Write a folder under a temporary name next to its destination; move it into place only when complete."""
+"""Write a checkpoint under a temporary name next to its destination; move it into place only when complete."""
 
 from __future__ import annotations
 
@@ -17,24 +17,29 @@ def check_destination(dst: str, overwrite: bool) -> None:
 
 
 @contextlib.contextmanager
-def staged_folder(dst: str, *, overwrite: bool = False):
-    """Yield a temporary folder on the same filesystem as ``dst``; on success rename it to ``dst``
-    (replacing an existing ``dst`` only with ``overwrite``); on any error delete it and leave ``dst``
-    untouched."""
+def staged_path(dst: str, *, overwrite: bool = False, create: bool = False):
+    """Yield a not-yet-existing path (a folder when ``create``) in a temporary folder next to ``dst``.
+
+    When the block succeeds it is renamed to ``dst`` (an existing ``dst`` is replaced only with
+    ``overwrite``); on any error the temporary folder is deleted and ``dst`` is left untouched.
+    """
     dst = os.path.abspath(dst)
     check_destination(dst, overwrite)
     parent = os.path.dirname(dst)
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(dst)}.tmp-", dir=parent)
+    out = os.path.join(tmp, os.path.basename(dst))
+    if create:
+        os.mkdir(out)
     try:
-        yield tmp
-    except BaseException:
+        yield out
+        if os.path.exists(dst):
+            os.rename(dst, os.path.join(tmp, ".replaced"))
+        os.rename(out, dst)
+    finally:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if os.path.exists(dst):
-        old = tempfile.mkdtemp(prefix=f".{os.path.basename(dst)}.old-", dir=parent)
-        os.rename(dst, os.path.join(old, "x"))
-        os.rename(tmp, dst)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.rename(tmp, dst)
+
+
+def staged_folder(dst: str, *, overwrite: bool = False):
+    """``staged_path`` with the folder created."""
+    return staged_path(dst, overwrite=overwrite, create=True)

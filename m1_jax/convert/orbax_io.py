@@ -1,0 +1,303 @@
+"""Orbax checkpoints of the model's parameters, and streaming HF <-> Orbax conversion.
+
+The checkpoint is a standard Orbax PyTree checkpoint (OCDBT + zarr) of ``nnx.to_pure_dict`` of the
+model's ``nnx.Param`` state, with the full ``ModelConfig`` in its custom metadata under ``"m1_jax"``.
+``restore_orbax`` restores it onto any mesh (each device reads only its own shards).
+
+``hf_to_orbax`` / ``orbax_to_hf`` never build the model: a stacked parameter is written (read) one
+HF tensor slice at a time through tensorstore, so host memory holds a few tensors at a time. The
+writer is an Orbax type handler for a lazy ``StreamedLeaf`` whose zarr chunks nest inside one slice;
+its files are the same format ``save_orbax`` writes and ``restore_orbax`` reads.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from typing import Callable, Iterator
+
+import jax
+import numpy as np
+from flax import nnx
+
+from m1_jax.config import ModelConfig
+from m1_jax.convert.atomic import staged_path
+from m1_jax.convert.errors import CheckpointError
+from m1_jax.convert.hf_export import write_hf_folder
+from m1_jax.convert.hf_import import (SourceReader, abstract_model, iter_leaf_pieces, leaf_entries, plan_import)
+from m1_jax.convert.mapping import hf_key_map, to_hf
+from m1_jax.convert.placement import param_shardings
+from m1_jax.convert.progress import Progress
+
+META_KEY = "m1_jax"
+FORMAT_VERSION = 1
+
+
+# ------------------------------------------------------------------------------------------- metadata
+def config_to_dict(config: ModelConfig) -> dict:
+    d = dataclasses.asdict(config)
+    d["layer_types"] = list(d["layer_types"])
+    return d
+
+
+def config_from_dict(d: dict) -> ModelConfig:
+    fields = {f.name for f in dataclasses.fields(ModelConfig)}
+    unknown = sorted(set(d) - fields)
+    if unknown:
+        raise CheckpointError(f"orbax checkpoint metadata has unknown ModelConfig fields {unknown}")
+    return ModelConfig(**d)
+
+
+def read_metadata(path: str) -> dict:
+    """The ``"m1_jax"`` custom metadata of an Orbax checkpoint written by this module."""
+    file = os.path.join(path, "_METADATA")
+    if not os.path.isfile(file):
+        raise CheckpointError(f"{path}: not an Orbax checkpoint (no _METADATA)")
+    with open(file) as f:
+        meta = json.load(f)
+    custom = meta.get("custom_metadata") or {}
+    if META_KEY not in custom:
+        raise CheckpointError(f"{path}: Orbax checkpoint without m1_jax metadata (the model config); "
+                              f"write it with m1_jax.convert.save_orbax or `m1-jax convert hf-to-orbax`")
+    out = dict(custom[META_KEY])
+    out["_use_zarr3"] = bool(meta.get("use_zarr3", False))
+    out["_use_ocdbt"] = bool(meta.get("use_ocdbt", True))
+    out["_tree_keys"] = list(meta.get("tree_metadata", {}))
+    return out
+
+
+def _metadata(config: ModelConfig, **extra) -> dict:
+    return {META_KEY: {"format": FORMAT_VERSION, "config": config_to_dict(config), **extra}}
+
+
+def _nested(flat: dict[tuple, object]) -> dict:
+    out: dict = {}
+    for path, v in flat.items():
+        d = out
+        for k in path[:-1]:
+            d = d.setdefault(k, {})
+        d[path[-1]] = v
+    return out
+
+
+def leaf_name(path: tuple) -> str:
+    """Orbax's name of a leaf (its keys joined with dots)."""
+    return ".".join(str(k) for k in path)
+
+
+# ------------------------------------------------------------------------------------------- in memory
+def save_orbax(model, config: ModelConfig | None, path: str, *, overwrite: bool = False, **extra_metadata) -> str:
+    """Save the model's parameters (any sharding) as an Orbax checkpoint at ``path``."""
+    import orbax.checkpoint as ocp
+
+    config = config or model.config
+    pure = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    with staged_path(path, overwrite=overwrite) as tmp:
+        ocp.PyTreeCheckpointer().save(tmp, args=ocp.args.PyTreeSave(pure, custom_metadata=_metadata(config, **extra_metadata)))
+    return path
+
+
+def restore_orbax(path: str, *, mesh=None, dtype: str | None = None):
+    """Restore ``(config, model)`` from an Orbax checkpoint onto ``mesh`` (default: the first device).
+
+    The mesh need not be the one that saved it. ``dtype`` overrides the parameter dtype.
+    """
+    import orbax.checkpoint as ocp
+
+    path = os.path.abspath(path)
+    meta = read_metadata(path)
+    config = config_from_dict(meta["config"])
+    if dtype is not None:
+        config = config.replace(param_dtype=dtype, dtype=dtype)
+    graphdef, abstract_state = nnx.split(abstract_model(config))
+    shardings = param_shardings(abstract_state, mesh)
+    flat = dict(nnx.to_flat_state(abstract_state))
+    target = _nested({p: jax.ShapeDtypeStruct(v.get_value().shape, v.get_value().dtype, sharding=shardings[p])
+                      for p, v in flat.items()})
+    _check_tree(path, meta, {leaf_name(p) for p in flat})
+    restored = ocp.StandardCheckpointer().restore(path, target)
+    for p, var in flat.items():
+        v = restored
+        for k in p:
+            v = v[k]
+        var.set_value(v)
+    return config, nnx.merge(graphdef, nnx.from_flat_state(flat))
+
+
+def _check_tree(path: str, meta: dict, want: set[str]) -> None:
+    have = set()
+    for k in meta["_tree_keys"]:
+        try:
+            have.add(".".join(str(x) for x in eval(k, {"__builtins__": {}})))  # "('blocks', 'layers', ...)"
+        except Exception:
+            have.add(k)
+    missing, extra = sorted(want - have), sorted(have - want)
+    if missing:
+        raise CheckpointError(f"{path}: Orbax checkpoint has no parameter {missing[0]!r}"
+                              + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+    if extra:
+        raise CheckpointError(f"{path}: Orbax checkpoint has unexpected parameter {extra[0]!r} "
+                              f"(not in the model its config describes)")
+
+
+# ------------------------------------------------------------------------------------------- streaming
+class StreamedLeaf:
+    """A parameter Orbax writes piece by piece: ``pieces()`` yields ``(index, array)`` covering it."""
+
+    def __init__(self, shape: tuple, dtype, write_shape: tuple, pieces: Callable[[], Iterator[tuple[tuple, np.ndarray]]]):
+        self.shape, self.dtype, self.write_shape, self.pieces = tuple(shape), np.dtype(dtype), tuple(write_shape), pieces
+
+
+_registered = False
+
+
+def _register_handler() -> None:
+    global _registered
+    if _registered:
+        return
+    import tensorstore as ts
+    from orbax.checkpoint import future, type_handlers
+    from orbax.checkpoint._src.serialization import ocdbt_utils, tensorstore_utils as ts_utils
+    from orbax.checkpoint._src.serialization.type_handlers import NumpyHandler
+
+    class StreamedLeafHandler(NumpyHandler):
+        """Writes a ``StreamedLeaf`` with the zarr layout of a numpy array, one piece at a time; it reads
+        back as a numpy / jax array."""
+
+        async def _background_serialize(self, values, infos, args=None):
+            for value, info, arg in zip(values, infos, args):
+                await info.await_path_creation()
+                spec = ts_utils.build_array_write_spec(
+                    info=info, arg=arg, global_shape=value.shape, local_shape=value.write_shape,
+                    dtype=value.dtype, use_ocdbt=info.is_ocdbt_checkpoint,
+                    process_index=ocdbt_utils.get_process_index_for_subdir(use_ocdbt=info.is_ocdbt_checkpoint),
+                ).json
+                t = await ts.open(ts.Spec(spec), create=True, open=True, context=info.ts_context)
+                for index, arr in value.pieces():
+                    await t[index].write(arr)
+
+        async def serialize(self, values, infos, args=None):
+            import orbax.checkpoint as ocp
+
+            args = args or [ocp.SaveArgs()] * len(values)
+            return [future.CommitFutureAwaitingContractedSignals(
+                self._background_serialize(values, infos, args), name="m1_jax_streamed_leaf")]
+
+    type_handlers.register_type_handler(StreamedLeaf, StreamedLeafHandler(), override=True)
+    _registered = True
+
+
+def hf_to_orbax(src: str, dst: str, *, dtype: str | None = None, progress: bool = False,
+                overwrite: bool = False) -> ModelConfig:
+    """Convert a HF checkpoint folder to an Orbax checkpoint without building the model."""
+    import orbax.checkpoint as ocp
+
+    _register_handler()
+    plan = plan_import(src, dtype=dtype)
+    config = plan.config
+    _, abstract_state = nnx.split(abstract_model(config))
+    flat = dict(nnx.to_flat_state(abstract_state))
+    entries = leaf_entries(plan)
+    total = sum(plan.tensor_bytes(k) for k in plan.key_map)
+    with Progress(total, len(plan.key_map), f"hf-to-orbax {os.path.basename(os.path.normpath(src))}",
+                  enabled=progress) as bar:
+        reader = SourceReader(plan, on_read=bar.bytes)
+
+        def make(p, sds):
+            es = entries[p]
+            nstack = len(es[0][0])
+
+            def pieces():
+                for idx, arr in iter_leaf_pieces(reader, es, sds.dtype):
+                    yield idx, arr
+                    bar.tensors()
+
+            return StreamedLeaf(sds.shape, sds.dtype, (1,) * nstack + tuple(sds.shape[nstack:]), pieces)
+
+        tree = _nested({p: make(p, v.get_value()) for p, v in flat.items()})
+        meta = _metadata(config, source="hf", router_dtype=plan.router_dtype or "float32",
+                         hf_dtype=plan.storage_dtype)
+        try:
+            with staged_path(dst, overwrite=overwrite) as tmp:
+                ocp.PyTreeCheckpointer().save(tmp, args=ocp.args.PyTreeSave(tree, custom_metadata=meta))
+        finally:
+            reader.close()
+    return config
+
+
+class OrbaxLeafReader:
+    """Reads slices of the parameters of an Orbax checkpoint through tensorstore (no full leaf in memory)."""
+
+    def __init__(self, path: str, meta: dict):
+        self.path = os.path.abspath(path)
+        self.meta = meta
+        self._open: dict[tuple, object] = {}
+
+    def _spec(self, name: str) -> dict:
+        driver = "zarr3" if self.meta["_use_zarr3"] else "zarr"
+        if self.meta["_use_ocdbt"]:
+            kv = {"driver": "ocdbt", "base": f"file://{self.path}", "path": name}
+        else:
+            kv = {"driver": "file", "path": os.path.join(self.path, name)}
+        return {"driver": driver, "kvstore": kv}
+
+    def leaf(self, path: tuple, shape: tuple):
+        import tensorstore as ts
+
+        if path not in self._open:
+            try:
+                t = ts.open(self._spec(leaf_name(path)), open=True, read=True).result()
+            except Exception as e:  # tensorstore raises ValueError / NotFoundError
+                raise CheckpointError(f"{self.path}: cannot read parameter {leaf_name(path)!r} ({e})") from None
+            if tuple(t.shape) != tuple(shape):
+                raise CheckpointError(f"{self.path}: parameter {leaf_name(path)!r} has shape {tuple(t.shape)}; "
+                                      f"expected {tuple(shape)} (from the checkpoint's config)")
+            self._open[path] = t
+        return self._open[path]
+
+    def read(self, path: tuple, shape: tuple, index: tuple) -> np.ndarray:
+        t = self.leaf(path, shape)
+        return np.asarray((t[index] if index else t).read().result())
+
+
+def orbax_to_hf(src: str, dst: str, *, max_shard_size: int | str = "5GB", dtype: str | None = None,
+                router_dtype: str | None = None, progress: bool = False, overwrite: bool = False) -> ModelConfig:
+    """Convert an Orbax checkpoint to a HF folder, one tensor at a time, without building the model.
+
+    ``dtype`` defaults to the config's ``param_dtype``; ``router_dtype`` to the router dtype of the HF
+    checkpoint the Orbax one came from (float32 otherwise).
+    """
+    src = os.path.abspath(src)
+    meta = read_metadata(src)
+    config = config_from_dict(meta["config"])
+    _, abstract_state = nnx.split(abstract_model(config))
+    flat = dict(nnx.to_flat_state(abstract_state))
+    _check_tree(src, meta, {leaf_name(p) for p in flat})
+    key_map = hf_key_map(config)
+    reader = OrbaxLeafReader(src, meta)
+
+    def get(key: str) -> np.ndarray:
+        t = key_map[key]
+        return to_hf(t.kind, reader.read(t.path, flat[t.path].get_value().shape, t.index))
+
+    write_hf_folder(config, get, dst, dtype=dtype or config.param_dtype,
+                    router_dtype=router_dtype or meta.get("router_dtype") or "float32",
+                    max_shard_size=max_shard_size, overwrite=overwrite, progress=progress)
+    return config
+
+
+def check_orbax(src: str) -> tuple[ModelConfig, dict]:
+    """Check an Orbax checkpoint's metadata, tree and parameter shapes against its config (reads no
+    weights: only the zarr metadata of each parameter)."""
+    src = os.path.abspath(src)
+    meta = read_metadata(src)
+    config = config_from_dict(meta["config"])
+    _, abstract_state = nnx.split(abstract_model(config))
+    flat = dict(nnx.to_flat_state(abstract_state))
+    _check_tree(src, meta, {leaf_name(p) for p in flat})
+    reader = OrbaxLeafReader(src, meta)
+    for p, v in flat.items():
+        reader.leaf(p, v.get_value().shape)
+    return config, meta
