@@ -1,0 +1,187 @@
+"""Context (sequence) parallelism over the mesh axis ``context``.
+
+Lightning layers use LASP-2 (Sun et al. 2025): every context shard runs the lightning kernel on its
+own chunk from a zero state, giving its local output and its chunk memory ``M_r`` (the final state);
+one ``all_gather`` of the memories lets each shard form the state entering its chunk as a decayed
+prefix sum, ``S_r = sum_{j<r} lam^{L(r-1-j)} M_j`` (plus the decayed initial state), and adds the
+inter-chunk term ``o_t += (q_t lam^{t+1}) S_r``. Communication is one ``[B, H, Dk, Dv]`` state per
+shard per layer, independent of the sequence length. Gradients are exact by autodiff: the transpose
+of the ``all_gather`` is a reduce-scatter, which delivers each shard's ``dM_r`` to its local kernel
+as the final-state cotangent (the LASP-2 backward).
+
+Packed documents (``segment_ids``) are handled exactly: the prefix state reaches a token only if no
+document starts between the chunk boundary and the token, and it crosses a whole chunk only if no
+document starts inside it.
+
+Softmax layers all-gather K and V (and the segment ids) over ``context`` and attend with global
+positions (LASP-2H style). RoPE has already been applied with the tokens' global positions.
+
+Both functions take global arrays (the sequence dimension sharded over ``context``) and run under
+``jax.shard_map`` on the mesh from ``jax.set_mesh``; with no mesh or ``context = 1`` they call the
+single-device code.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.sharding import PartitionSpec as P
+
+import pallas_kernels
+from sharding.rules import current_mesh, logical_to_mesh_spec, mesh_axis_size
+
+CONTEXT = "context"
+_HI = lax.Precision.HIGHEST
+
+
+def context_parallel_active(mesh=None) -> bool:
+    mesh = current_mesh() if mesh is None else mesh
+    return mesh is not None and mesh_axis_size(CONTEXT, mesh) > 1
+
+
+def _spec_axes(entry) -> tuple[str, ...]:
+    if entry is None:
+        return ()
+    return (entry,) if isinstance(entry, str) else tuple(entry)
+
+
+def _entry(spec: P, i: int):
+    return spec[i] if i < len(spec) else None
+
+
+def _check_seq(T: int, mesh, what: str):
+    cp = mesh_axis_size(CONTEXT, mesh)
+    if T % cp:
+        raise ValueError(f"{what}: sequence length {T} is not divisible by the context axis size {cp}")
+
+
+# ------------------------------------------------------------------------------------- LASP-2
+def lightning_attention(q, k, v, decay, *, initial_state=None, block_size=None, backend="auto",
+                        segment_ids=None, mesh=None):
+    """``pallas_kernels.lightning_attention`` that is context-parallel (LASP-2) when the mesh has a
+    ``context`` axis > 1. Same arguments and results: q, k ``[B, H, T, Dk]``, v ``[B, H, T, Dv]``
+    (T sharded over ``context``), decay ``[H]``; returns ``(o, final_state)``."""
+    mesh = current_mesh() if mesh is None else mesh
+    kernel = functools.partial(pallas_kernels.lightning_attention, block_size=block_size, backend=backend)
+    if not context_parallel_active(mesh):
+        return kernel(q, k, v, decay, initial_state=initial_state, segment_ids=segment_ids)
+    B, H, T, Dk = q.shape
+    Dv = v.shape[-1]
+    _check_seq(T, mesh, "lightning_attention (LASP-2)")
+    qspec = logical_to_mesh_spec(("activation_batch", "activation_heads", None, None), q.shape, mesh)
+    bax, hax = _entry(qspec, 0), _entry(qspec, 1)
+    x_spec = P(bax, hax, CONTEXT, None)
+    s_spec = P(bax, hax, None, None)
+    seg_spec = P(bax, CONTEXT)
+    cp = mesh_axis_size(CONTEXT, mesh)
+    has_seg = segment_ids is not None
+    has_init = initial_state is not None
+    if not has_init:
+        initial_state = jnp.zeros((B, H, Dk, Dv), jnp.float32)
+    if not has_seg:
+        segment_ids = jnp.zeros((B, T), jnp.int32)
+
+    def local(q, k, v, decay, s0, seg):
+        o_loc, m_loc = kernel(q, k, v, decay, segment_ids=seg if has_seg else None)
+        r = lax.axis_index(CONTEXT)
+        L = q.shape[2]
+        lam = decay.astype(jnp.float32)  # [H_loc]
+        ms = lax.all_gather(m_loc, CONTEXT)  # [P, B, H, Dk, Dv]
+        j = jnp.arange(cp)
+        if has_seg:
+            seg = seg.astype(jnp.int32)
+            last = lax.all_gather(seg[:, -1], CONTEXT)  # [P, B]
+            prev_last = jnp.where(r > 0, last[jnp.maximum(r - 1, 0)], seg[:, 0])
+            first_reset = seg[:, :1] != prev_last[:, None]
+            resets = jnp.concatenate([first_reset, seg[:, 1:] != seg[:, :-1]], axis=1)  # [B, L]
+            alive = jnp.cumprod(1 - resets.astype(jnp.int32), axis=1).astype(jnp.float32)  # [B, L]
+            passes = lax.all_gather(alive[:, -1], CONTEXT)  # [P, B]: state crosses shard p whole
+            blocked = jnp.cumsum(1.0 - passes, axis=0)  # [P, B]
+            # prod_{i=j+1}^{r-1} pass_i == 1  <=>  blocked[r-1] - blocked[j] == 0   (j < r)
+            b_prev = blocked[jnp.maximum(r - 1, 0)]  # [B]
+            open_j = (b_prev[None, :] - blocked) == 0  # [P, B]
+            open_init = (b_prev == 0) | (r == 0)  # [B]: prod_{i=0}^{r-1} pass_i (empty for r = 0)
+        else:
+            alive = None
+            open_j = jnp.ones((cp, 1), bool)
+            open_init = jnp.ones((1,), bool)
+        # weights of the gathered memories: lam^{L (r-1-j)} for j < r (exponent clamped before exp)
+        e = jnp.maximum(r - 1 - j, 0).astype(jnp.float32)  # [P]
+        w = jnp.exp(-lam[None, :] * (L * e)[:, None])  # [P, H]
+        w = jnp.where((j < r)[:, None, None], w[:, None, :] * open_j[:, :, None], 0.0)  # [P, B|1, H]
+        s_in = jnp.einsum("pbh,pbhkv->bhkv", w, ms, precision=_HI)
+        w0 = jnp.exp(-lam * (L * r).astype(jnp.float32))  # [H]: initial state decayed over r shards
+        s_in = s_in + (w0[None, :] * open_init[:, None])[:, :, None, None] * s0.astype(jnp.float32)
+        t = jnp.arange(L, dtype=jnp.float32)
+        a = jnp.exp(-lam[:, None] * (t[None, :] + 1.0))  # [H, L]
+        qa = q.astype(jnp.float32) * a[None, :, :, None]
+        if alive is not None:
+            qa = qa * alive[:, None, :, None]
+        o = o_loc.astype(jnp.float32) + jnp.einsum("bhtk,bhkv->bhtv", qa, s_in, precision=_HI)
+        # the state leaving the last shard, computed identically on every shard
+        last_r = cp - 1
+        e_f = (last_r - j).astype(jnp.float32)
+        if has_seg:
+            open_f = ((blocked[last_r][None, :] - blocked) == 0)  # prod_{i=j+1}^{P-1} pass_i
+            open_f0 = blocked[last_r] == 0
+        else:
+            open_f, open_f0 = jnp.ones((cp, 1), bool), jnp.ones((1,), bool)
+        wf = jnp.exp(-lam[None, :] * (L * e_f)[:, None])[:, None, :] * open_f[:, :, None]
+        s_fin = jnp.einsum("pbh,pbhkv->bhkv", wf, ms, precision=_HI)
+        wf0 = jnp.exp(-lam * float(L * cp))
+        s_fin = s_fin + (wf0[None, :] * open_f0[:, None])[:, :, None, None] * s0.astype(jnp.float32)
+        return o.astype(q.dtype), s_fin
+
+    f = jax.shard_map(local, mesh=mesh,
+                      in_specs=(x_spec, x_spec, x_spec, P(hax), s_spec, seg_spec),
+                      out_specs=(x_spec, s_spec), check_vma=False)
+    return f(q, k, v, decay.astype(jnp.float32), initial_state, segment_ids)
+
+
+# ------------------------------------------------------------------------------------- softmax
+def causal_attention(q, k, v, *, segment_ids=None, mesh=None, attention_fn=None):
+    """Causal GQA attention ``[B, T, N, D] x [B, T, K, D]`` with T sharded over ``context``: each shard
+    all-gathers K, V (and segment ids) and attends its queries at their global positions.
+
+    ``attention_fn(q, k, v, segment_ids)`` is the single-device fallback (no context axis)."""
+    mesh = current_mesh() if mesh is None else mesh
+    if not context_parallel_active(mesh):
+        if attention_fn is None:
+            raise ValueError("causal_attention: no context-parallel mesh and no attention_fn fallback")
+        return attention_fn(q, k, v, segment_ids)
+    B, T, N, D = q.shape
+    K = k.shape[2]
+    _check_seq(T, mesh, "causal_attention (context parallel)")
+    qspec = logical_to_mesh_spec(("activation_batch", None, "activation_heads", None), q.shape, mesh)
+    kspec = logical_to_mesh_spec(("activation_batch", None, "activation_kv_heads", None), k.shape, mesh)
+    bax = _entry(qspec, 0)
+    hq, hk = _entry(qspec, 2), _entry(kspec, 2)
+    if hq != hk:  # GQA groups would not line up across head shards: keep heads whole in the core
+        hq = hk = None
+    q_spec, k_spec = P(bax, CONTEXT, hq, None), P(bax, CONTEXT, hk, None)
+    has_seg = segment_ids is not None
+    if not has_seg:
+        segment_ids = jnp.zeros((B, T), jnp.int32)
+
+    def local(q, k, v, seg):
+        L = q.shape[1]
+        r = lax.axis_index(CONTEXT)
+        k_all = lax.all_gather(k, CONTEXT, axis=1, tiled=True)
+        v_all = lax.all_gather(v, CONTEXT, axis=1, tiled=True)
+        q_pos = r * L + jnp.arange(L)
+        kv_pos = jnp.arange(k_all.shape[1])
+        mask = (kv_pos[None, :] <= q_pos[:, None])[None, None]  # [1, 1, L, T]
+        if has_seg:
+            seg_all = lax.all_gather(seg, CONTEXT, axis=1, tiled=True)
+            mask = mask & (seg[:, :, None] == seg_all[:, None, :])[:, None]
+        return jax.nn.dot_product_attention(q, k_all, v_all, mask=mask)
+
+    f = jax.shard_map(local, mesh=mesh, in_specs=(q_spec, k_spec, k_spec, P(bax, CONTEXT)),
+                      out_specs=q_spec, check_vma=False)
+    return f(q, k, v, segment_ids)
+
+
+__all__ = ["causal_attention", "context_parallel_active", "lightning_attention"]
