@@ -12,6 +12,7 @@ its files are the same format ``save_orbax`` writes and ``restore_orbax`` reads.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import json
 import math
@@ -33,6 +34,7 @@ from m1_jax.convert.progress import Progress
 
 META_KEY = "m1_jax"
 FORMAT_VERSION = 1
+_WRITES_IN_FLIGHT = 4
 
 
 # ------------------------------------------------------------------------------------------- metadata
@@ -175,8 +177,13 @@ def _register_handler() -> None:
                     process_index=ocdbt_utils.get_process_index_for_subdir(use_ocdbt=info.is_ocdbt_checkpoint),
                 ).json
                 t = await ts.open(ts.Spec(spec), create=True, open=True, context=info.ts_context)
+                pending: list = []  # a few writes in flight; memory stays at that many pieces
                 for index, arr in value.pieces():
-                    await t[index].write(arr)
+                    pending.append(asyncio.ensure_future(t[index].write(arr)))
+                    if len(pending) >= _WRITES_IN_FLIGHT:
+                        await pending.pop(0)
+                for p in pending:
+                    await p
 
         async def serialize(self, values, infos, args=None):
             import orbax.checkpoint as ocp

@@ -1,0 +1,83 @@
+"""``--dry-run``: check a checkpoint against the key table and its config without reading weights."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+
+import jax
+from flax import nnx
+
+from m1_jax.config import FULL, ModelConfig
+from m1_jax.convert.errors import CheckpointError
+from m1_jax.convert.hf_import import abstract_model, plan_import
+from m1_jax.convert.safetensors_io import SafetensorsFolder
+
+
+@dataclasses.dataclass
+class Report:
+    source: str
+    config: ModelConfig
+    num_tensors: int  # HF tensors the table maps
+    num_leaves: int  # our parameters (stacked)
+    num_params: int  # from jax.eval_shape of the model
+    headers_checked: bool
+    dropped: int = 0
+    notes: tuple[str, ...] = ()
+
+    def text(self) -> str:
+        c = self.config
+        n_full = sum(t == FULL for t in c.layer_types)
+        lines = [
+            f"{self.source}: OK",
+            f"  config: {c.num_hidden_layers} layers ({c.num_hidden_layers - n_full} lightning, {n_full} softmax), "
+            f"hidden {c.hidden_size}, {c.num_attention_heads} heads x {c.head_dim}, {c.num_key_value_heads} kv heads, "
+            f"{c.num_local_experts} experts x {c.intermediate_size} (top-{c.num_experts_per_tok}), vocab {c.vocab_size}, "
+            f"rotary_dim {c.rotary_dim}, param dtype {c.param_dtype}",
+            f"  {self.num_tensors:,} tensors map onto {self.num_leaves} parameters "
+            f"({c.num_blocks} scanned blocks of {c.layer_period} layers)",
+            f"  {self.num_params:,} parameters ({self.num_params / 1e9:.1f}B)",
+        ]
+        if self.dropped:
+            lines.append(f"  {self.dropped} derived HF decay buffers will be dropped")
+        lines.append("  shapes and dtypes checked from the safetensors headers" if self.headers_checked
+                     else "  weight files absent: checked config.json and the index keys only (no shapes)")
+        lines += [f"  note: {n}" for n in self.notes]
+        return "\n".join(lines)
+
+
+def abstract_param_count(config: ModelConfig) -> tuple[int, int]:
+    """``(number of parameter leaves, number of parameters)`` via ``jax.eval_shape`` (nothing allocated)."""
+    state = nnx.state(abstract_model(config), nnx.Param)
+    leaves = jax.tree.leaves(state)
+    return len(leaves), sum(math.prod(x.shape) for x in leaves)
+
+
+def dry_run_hf(src: str, dtype: str | None = None) -> Report:
+    folder = SafetensorsFolder(src, headers=False)
+    missing = folder.missing_files()
+    headers = len(missing) < len(folder.files)
+    if headers and missing:
+        raise CheckpointError(f"{src}: {len(missing)} of the {len(folder.files)} weight files named in the index "
+                              f"do not exist, e.g. {os.path.basename(missing[0])!r}")
+    plan = plan_import(src, dtype=dtype, headers=headers)
+    n_leaves, n_params = abstract_param_count(plan.config)
+    if n_params != plan.num_params:
+        raise CheckpointError(f"{src}: the key table covers {plan.num_params:,} parameters but the model has "
+                              f"{n_params:,}")
+    notes = []
+    if plan.config.rotary_dim != plan.config.head_dim:
+        notes.append(f"rotary_dim {plan.config.rotary_dim} < head_dim {plan.config.head_dim}: transformers' "
+                     f"built-in MiniMax ignores rotary_dim (rotates the whole head)")
+    return Report(src, plan.config, len(plan.key_map), n_leaves, n_params, headers, len(plan.dropped), tuple(notes))
+
+
+def dry_run_orbax(src: str) -> Report:
+    from m1_jax.convert.orbax_io import check_orbax
+
+    config, _ = check_orbax(src)
+    n_leaves, n_params = abstract_param_count(config)
+    from m1_jax.convert.mapping import hf_key_map
+
+    return Report(src, config, len(hf_key_map(config)), n_leaves, n_params, True)

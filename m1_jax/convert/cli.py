@@ -1,0 +1,70 @@
+"""``m1-jax convert``: ``hf-to-orbax SRC DST`` and ``orbax-to-hf SRC DST`` (``--dry-run`` checks only)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from m1_jax.config import ConfigError
+from m1_jax.convert.errors import CheckpointError
+
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="m1-jax convert", description="Convert MiniMax checkpoints between "
+                                "Hugging Face safetensors folders and Orbax checkpoints, one tensor at a time.")
+    sub = p.add_subparsers(dest="direction", required=True)
+    a = sub.add_parser("hf-to-orbax", help="HF / original MiniMax safetensors folder -> Orbax checkpoint")
+    a.add_argument("src", help="folder with config.json, *.safetensors and model.safetensors.index.json")
+    a.add_argument("dst", nargs="?", help="Orbax checkpoint folder to create (not needed with --dry-run)")
+    a.add_argument("--dtype", choices=DTYPES, help="parameter dtype (default: the checkpoint's); the router "
+                   "stays float32")
+    b = sub.add_parser("orbax-to-hf", help="Orbax checkpoint -> HF safetensors folder (transformers' MiniMax)")
+    b.add_argument("src", help="Orbax checkpoint folder written by hf-to-orbax or m1_jax.convert.save_orbax")
+    b.add_argument("dst", nargs="?", help="HF folder to create (not needed with --dry-run)")
+    b.add_argument("--dtype", choices=DTYPES, help="tensor dtype (default: the config's param_dtype)")
+    b.add_argument("--router-dtype", choices=DTYPES,
+                   help="router (block_sparse_moe.gate) dtype (default: the source HF checkpoint's, else float32)")
+    b.add_argument("--max-shard-size", default="5GB", help="largest safetensors file (default 5GB)")
+    for s in (a, b):
+        s.add_argument("--dry-run", action="store_true",
+                       help="check the source's config, index and headers against the key table; read no weights")
+        s.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
+        s.add_argument("--quiet", action="store_true", help="no progress bar")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(sys.argv[1:] if argv is None else argv)
+    try:
+        if args.dry_run:
+            from m1_jax.convert.check import dry_run_hf, dry_run_orbax
+
+            report = dry_run_hf(args.src, args.dtype) if args.direction == "hf-to-orbax" else dry_run_orbax(args.src)
+            print(report.text())
+            if args.dst and os.path.exists(args.dst) and not args.overwrite:
+                print(f"  note: {args.dst} already exists (a real run needs --overwrite)")
+            return 0
+        if not args.dst:
+            print(f"m1-jax convert {args.direction}: DST is required (or pass --dry-run)", file=sys.stderr)
+            return 2
+        from m1_jax.convert import orbax_io
+
+        if args.direction == "hf-to-orbax":
+            config = orbax_io.hf_to_orbax(args.src, args.dst, dtype=args.dtype, progress=not args.quiet,
+                                          overwrite=args.overwrite)
+        else:
+            config = orbax_io.orbax_to_hf(args.src, args.dst, max_shard_size=args.max_shard_size, dtype=args.dtype,
+                                          router_dtype=args.router_dtype, progress=not args.quiet,
+                                          overwrite=args.overwrite)
+        print(f"wrote {args.dst} ({config.num_params()['total']:,} parameters)")
+        return 0
+    except (CheckpointError, ConfigError) as e:
+        print(f"m1-jax convert {args.direction}: error: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
