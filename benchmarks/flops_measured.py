@@ -212,10 +212,13 @@ def run_rows(args, log):
     twin = F.softmax_twin(cfg)
     ok_cudnn = any(r["subject"] == "softmax layer (cudnn)" and "seconds" in r for r in rows)
     attn_impl = "cudnn" if ok_cudnn else "xla"
-    log(f"whole-model softmax attention: {attn_impl}")
+    ok_pallas = any(r["subject"] == "lightning layer (pallas_gpu)" and "seconds" in r for r in rows)
+    cfg = cfg.replace(lightning_backend="pallas_gpu" if ok_pallas else "reference")
+    log(f"whole-model softmax attention: {attn_impl}; lightning backend: {cfg.lightning_backend}")
     for T in [T for T in args.model_lengths if T <= args.max_len]:
         ids = lambda T=T: jax.random.randint(key, (1, T), 0, cfg.vocab_size, jnp.int32)
         for name, c in ((f"{args.preset} (hybrid)", cfg), (f"{args.preset} softmax twin", twin)):
+            name = f"{name} [{cfg.lightning_backend if c is cfg else attn_impl}]"
             def bm(c=c, T=T):
                 fn, s = build_model(c, attn_impl)
                 return fn, s, (ids(),)
@@ -281,8 +284,8 @@ def crossovers(rows):
         for sm in [k for k in by if k.startswith("softmax layer (")]:
             out[f"{lin} vs {sm}"] = first(lin, sm)
     out["decode step"] = first("lightning layer decode step", "softmax layer decode step")
-    hyb = next((k for k in by if k.endswith("(hybrid)")), None)
-    tw = next((k for k in by if k.endswith("softmax twin")), None)
+    hyb = next((k for k in by if "(hybrid)" in k), None)
+    tw = next((k for k in by if "softmax twin" in k), None)
     out["hybrid vs softmax twin"] = first(hyb, tw) if hyb and tw else None
     return out
 
@@ -369,7 +372,7 @@ def main(argv=None):
     log(json.dumps(env))
     rows, cfg = run_rows(args, log)
     res = {"env": env, "preset": args.preset, "rows": rows, "crossovers": crossovers(rows)}
-    if not args.skip_xla_check:
+    if not args.skip_xla_check and time.time() - T0 < args.budget_s + 60:
         res["xla_cost_analysis"] = xla_cost_check(cfg, 256 if args.quick else 4096, log)
     with open(os.path.join(args.out, "flops_measured.json"), "w") as f:
         json.dump(res, f, indent=1)
