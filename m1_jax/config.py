@@ -17,7 +17,10 @@ FULL = "full_attention"
 LAYER_TYPES = (LINEAR, FULL)
 DTYPES = ("float32", "bfloat16", "float16")
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
-MOE_IMPLS = ("ragged", "dense")
+# "ragged"/"dense": single-program expert compute (GSPMD shards it like any einsum).
+# "ep_capacity"/"ep_ragged": expert-parallel dispatch under shard_map (sharding.moe_dispatch): a
+# capacity-based all-to-all (static shapes, runs everywhere) / a dropless ragged_all_to_all (GPU, TPU).
+MOE_IMPLS = ("ragged", "dense", "ep_capacity", "ep_ragged")
 
 # DeepNorm alpha of the real 80-layer model: (2 * 80) ** 0.25.
 _M1_ALPHA = 3.5565588200778455
@@ -71,6 +74,9 @@ class ModelConfig:
     router_aux_loss_coef: float = 0.001
     router_jitter_noise: float = 0.0
     moe_impl: str = "ragged"
+    # Slots per expert per source shard = ceil(factor * tokens * k / E) for moe_impl="ep_capacity";
+    # <= 0 sizes the buffers for the worst case (never drops).
+    moe_capacity_factor: float = 1.25
     # Init and tokens.
     initializer_range: float = 0.02
     tie_word_embeddings: bool = False
@@ -123,6 +129,8 @@ class ModelConfig:
         need(self.param_dtype in DTYPES, "param_dtype", f"one of {DTYPES}")
         need(self.remat in REMAT_POLICIES, "remat", f"one of {REMAT_POLICIES}")
         need(self.moe_impl in MOE_IMPLS, "moe_impl", f"one of {MOE_IMPLS}")
+        need(isinstance(self.moe_capacity_factor, (int, float)) and math.isfinite(self.moe_capacity_factor),
+             "moe_capacity_factor", "a finite number (<= 0: no token dropping)")
         need(self.lightning_backend in ("auto", "reference", "pallas_gpu", "pallas_tpu"),
              "lightning_backend", "one of 'auto', 'reference', 'pallas_gpu', 'pallas_tpu'")
         need(not self.tie_word_embeddings, "tie_word_embeddings",
