@@ -176,6 +176,11 @@ def plan_import(path: str, *, dtype: str | None = None, headers: bool = True) ->
                               + f"; config.json expects {len(key_map)} tensors")
     router = None
     if headers:
+        emb = folder.tensors.get("model.embed_tokens.weight")
+        if emb is not None and emb.shape != key_map["model.embed_tokens.weight"].hf_shape:
+            raise CheckpointError(f"{emb.file}: config.json contradicts the weights: vocab_size={config.vocab_size}, "
+                                  f"hidden_size={config.hidden_size} mean 'model.embed_tokens.weight' of shape "
+                                  f"{key_map['model.embed_tokens.weight'].hf_shape}, but it has shape {emb.shape}")
         for key, want in expected_shape.items():
             info = folder.tensors[key]
             if info.shape != tuple(want):

@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
+from flax import nnx
 from conftest import tiny_hf_model
 from convert_helpers import assert_same_tensors, read_all
 
@@ -21,8 +22,13 @@ def torch_logits(model):
         return model(torch.tensor(IDS)).logits.float().numpy()
 
 
+@nnx.jit
+def _forward(model, ids):
+    return model(ids)
+
+
 def our_logits(model):
-    return np.asarray(model(jnp.asarray(IDS, jnp.int32)))
+    return np.asarray(_forward(model, jnp.asarray(IDS, jnp.int32)))
 
 
 def test_hf_to_ours_to_hf_float32(tiny_hf, tmp_path):
