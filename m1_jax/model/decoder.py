@@ -20,6 +20,9 @@ from m1_jax.model.layers import RMSNorm, as_dtype, param
 from m1_jax.model.lightning import LightningAttention
 from m1_jax.model.moe import MoE, RouterStats, load_balancing_loss
 from m1_jax.model.softmax_attention import SoftmaxAttention
+from sharding.rules import constrain
+
+_ACT = ("activation_batch", "activation_length", "activation_embed")
 
 _REMAT_POLICIES = {
     "full": jax.checkpoint_policies.nothing_saveable,
@@ -125,7 +128,7 @@ class MiniMaxForCausalLM(nnx.Module):
     def hidden_states(self, input_ids, *, positions=None, segment_ids=None):
         """Final-normed hidden states ``[B, T, hidden]`` and the per-layer router statistics."""
         c = self.config
-        x = self.embed(input_ids)
+        x = constrain(self.embed(input_ids), _ACT)
         B, T = input_ids.shape
         if positions is None:
             positions = (positions_from_segments(segment_ids) if segment_ids is not None
@@ -136,7 +139,8 @@ class MiniMaxForCausalLM(nnx.Module):
         def body(h, xs):
             block_state, b = xs
             block = nnx.merge(graphdef, block_state)
-            return block(h, b * p, positions, segment_ids)
+            h, s = block(h, b * p, positions, segment_ids)
+            return constrain(h, _ACT), s
 
         if c.remat != "none":
             body = jax.checkpoint(body, policy=_REMAT_POLICIES[c.remat], prevent_cse=not c.scan_layers)
@@ -154,7 +158,8 @@ class MiniMaxForCausalLM(nnx.Module):
 
     def logits(self, h: jax.Array) -> jax.Array:
         """LM head in float32 (the M1 fix for train/inference probability mismatch)."""
-        return jnp.einsum("bth,hv->btv", h.astype(jnp.float32), self.lm_head.value.astype(jnp.float32))
+        logits = jnp.einsum("bth,hv->btv", h.astype(jnp.float32), self.lm_head.value.astype(jnp.float32))
+        return constrain(logits, ("activation_batch", "activation_length", "activation_vocab"))
 
     def __call__(self, input_ids, *, positions=None, segment_ids=None, return_aux: bool = False):
         h, stats = self.hidden_states(input_ids, positions=positions, segment_ids=segment_ids)

@@ -9,9 +9,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-import pallas_kernels
 from m1_jax.config import ModelConfig
 from m1_jax.model.layers import as_dtype, param, rms_normalize
+from sharding import context_parallel
 
 
 def alibi_slopes(num_heads: int) -> np.ndarray:
@@ -68,7 +68,8 @@ class LightningAttention(nnx.Module):
         qkv = jnp.einsum("bth,hnkd->btnkd", x, self.qkv_proj.value.astype(dt))
         qkv = jax.nn.silu(qkv.astype(jnp.float32)).astype(dt)
         q, k, v = (jnp.swapaxes(qkv[:, :, :, i], 1, 2) for i in range(3))  # [B, N, T, D]
-        o, state = pallas_kernels.lightning_attention(
+        # pallas_kernels.lightning_attention, run as LASP-2 when the mesh has a context axis > 1
+        o, state = context_parallel.lightning_attention(
             q, k, v, lightning_decay(c, layer_idx), initial_state=initial_state,
             block_size=c.block_size, backend=c.lightning_backend, segment_ids=segment_ids)
         o = jnp.swapaxes(o, 1, 2)  # [B, T, N, D]

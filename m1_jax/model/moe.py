@@ -10,6 +10,7 @@ from flax import nnx
 
 from m1_jax.config import ModelConfig
 from m1_jax.model.layers import as_dtype, param
+from sharding import moe_dispatch
 
 
 class RouterStats(NamedTuple):
@@ -17,10 +18,13 @@ class RouterStats(NamedTuple):
 
     ``tokens_per_expert [k, E]``: fraction of tokens whose j-th choice is expert e.
     ``prob_per_expert [E]``: mean router probability of expert e.
+    ``dropped_fraction []``: fraction of (token, choice) pairs dropped by a capacity-based dispatch
+    (``moe_impl="ep_capacity"``); 0 for the dropless implementations.
     """
 
     tokens_per_expert: jax.Array
     prob_per_expert: jax.Array
+    dropped_fraction: jax.Array | float = 0.0
 
 
 def route(x: jax.Array, router_w: jax.Array, top_k: int):
@@ -34,7 +38,8 @@ def route(x: jax.Array, router_w: jax.Array, top_k: int):
     top_w, top_e = jax.lax.top_k(probs, top_k)
     top_w = top_w / jnp.sum(top_w, axis=-1, keepdims=True)
     E = router_w.shape[-1]
-    stats = RouterStats(jnp.mean(jax.nn.one_hot(top_e, E, dtype=jnp.float32), axis=0), jnp.mean(probs, axis=0))
+    stats = RouterStats(jnp.mean(jax.nn.one_hot(top_e, E, dtype=jnp.float32), axis=0), jnp.mean(probs, axis=0),
+                        jnp.zeros((), jnp.float32))
     return top_w, top_e.astype(jnp.int32), stats
 
 
@@ -76,6 +81,8 @@ def experts_dense(x, weights, experts, w1, w3, w2):
 
 
 _EXPERT_IMPLS = {"ragged": experts_ragged, "dense": experts_dense}
+# Expert-parallel implementations: they route inside shard_map and return (y, stats, dropped_fraction).
+_EP_IMPLS = {"ep_capacity": moe_dispatch.moe_capacity, "ep_ragged": moe_dispatch.moe_ragged}
 
 
 class MoE(nnx.Module):
@@ -96,9 +103,15 @@ class MoE(nnx.Module):
     def __call__(self, x: jax.Array) -> tuple[jax.Array, RouterStats]:
         c = self.config
         B, T, H = x.shape
+        dt = x.dtype
+        if c.moe_impl in _EP_IMPLS:
+            kw = dict(capacity_factor=c.moe_capacity_factor) if c.moe_impl == "ep_capacity" else {}
+            y, stats, dropped = _EP_IMPLS[c.moe_impl](
+                x, self.gate.value, self.w1.value.astype(dt), self.w3.value.astype(dt), self.w2.value.astype(dt),
+                route_fn=route, top_k=c.num_experts_per_tok, **kw)
+            return y, stats._replace(dropped_fraction=dropped)
         xf = x.reshape(B * T, H)
         weights, experts, stats = route(xf, self.gate.value, c.num_experts_per_tok)
-        dt = x.dtype
         y = _EXPERT_IMPLS[c.moe_impl](xf, weights, experts, self.w1.value.astype(dt),
                                       self.w3.value.astype(dt), self.w2.value.astype(dt))
         return y.reshape(B, T, H), stats

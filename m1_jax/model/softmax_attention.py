@@ -9,6 +9,7 @@ from flax import nnx
 from m1_jax.config import ModelConfig
 from m1_jax.model.layers import as_dtype, param
 from m1_jax.model.rope import apply_rope, rope_cos_sin
+from sharding import context_parallel
 
 
 def causal_attention(q, k, v, *, segment_ids=None, implementation=None):
@@ -53,4 +54,8 @@ class SoftmaxAttention(nnx.Module):
 
     def __call__(self, x: jax.Array, positions: jax.Array, *, segment_ids=None) -> jax.Array:
         q, k, v = self.project_qkv(x, positions)
-        return self.output(causal_attention(q, k, v, segment_ids=segment_ids))
+        if context_parallel.context_parallel_active():  # sequence sharded over "context": all-gather K/V
+            o = context_parallel.causal_attention(q, k, v, segment_ids=segment_ids)
+        else:
+            o = causal_attention(q, k, v, segment_ids=segment_ids)
+        return self.output(o)
