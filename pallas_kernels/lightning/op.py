@@ -94,7 +94,8 @@ def _pow2_at_least(n: int) -> int:
 # ``fwd_``/``bwd_`` apply to one direction only.
 GPU_FUSED = dict(block_size=64, tuning=(("fwd_BV", 64), ("fwd_num_warps", 4), ("bwd_BK", 64), ("bwd_BV", 64),
                                         ("bwd_num_warps", 4)))
-GPU_CHUNKED = dict(block_size=64, tuning=(("BK", 64), ("BV", 64)))
+GPU_CHUNKED = dict(block_size=128, tuning=(("BK", 32), ("BV", 32), ("fwd_BV_out", 128), ("bwd_BK_par", 64),
+                                           ("bwd_BV_par", 64)))
 GPU_MIN_PROGRAMS = 96  # fused when B * H * (Dv / 64) reaches this many programs (H100: 132 SMs)
 TPU_BLOCK = 256
 
