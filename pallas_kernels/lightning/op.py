@@ -96,6 +96,7 @@ GPU_FUSED = dict(block_size=64, tuning=(("fwd_BV", 64), ("fwd_num_warps", 4), ("
                                         ("bwd_num_warps", 4)))
 GPU_CHUNKED = dict(block_size=128, tuning=(("BK", 32), ("BV", 32), ("fwd_BV_out", 128), ("bwd_BK_par", 64),
                                            ("bwd_BV_par", 64)))
+GPU_MOSAIC = dict(block_size=64, tuning=(("fwd_BV", 64), ("bwd_BK", 64), ("bwd_BV", 64), ("bwd_num_warps", 4)))
 GPU_MIN_PROGRAMS = 96  # fused when B * H * (Dv / 64) reaches this many programs (H100: 132 SMs)
 TPU_BLOCK = 256
 
@@ -111,7 +112,9 @@ def choose_kernel(backend, q_shape, dv, dtype, block_size=None, interpret=False,
         raise ValueError(f"lightning_attention: backend {backend!r} has no Pallas kernel")
     if impl is None:
         impl = "triton_fused" if B * H * max(1, dv // 64) >= GPU_MIN_PROGRAMS else "triton_chunked"
-    defaults = GPU_FUSED if impl == "triton_fused" else GPU_CHUNKED
+    defaults = {"triton_fused": GPU_FUSED, "triton_chunked": GPU_CHUNKED, "mosaic_gpu": GPU_MOSAIC}.get(impl)
+    if defaults is None:
+        raise ValueError(f"lightning_attention: unknown GPU kernel {impl!r}")
     C = defaults["block_size"] if block_size is None else block_size
     if C & (C - 1):
         raise ValueError(f"lightning_attention: backend 'pallas_gpu' needs a power-of-two block_size; got {C}")

@@ -15,12 +15,6 @@ from pallas_kernels.lightning import reference
 
 C = 16  # chunk used by the kernels here (small, for interpret-mode speed)
 IMPLS = [("pallas_gpu", "triton_fused"), ("pallas_gpu", "triton_chunked"), ("pallas_tpu", "tpu")]
-try:
-    from pallas_kernels.lightning import gpu_mosaic  # noqa: F401
-    if gpu_mosaic.interpret_supported():
-        IMPLS.append(("pallas_gpu", "mosaic_gpu"))
-except ImportError:  # pragma: no cover
-    pass
 IDS = [impl for _, impl in IMPLS]
 TOL = {jnp.float32: 2e-5, jnp.bfloat16: 2e-2}
 
