@@ -35,6 +35,7 @@ from m1_jax.convert.progress import Progress
 META_KEY = "m1_jax"
 FORMAT_VERSION = 1
 _WRITES_IN_FLIGHT = 4
+_OCDBT_NODE_CACHE_BYTES = 16 << 20
 
 
 # ------------------------------------------------------------------------------------------- metadata
@@ -155,6 +156,15 @@ class StreamedLeaf:
 _registered = False
 
 
+def _write_context(info):
+    """Orbax's tensorstore context with a smaller OCDBT B-tree node cache (Orbax's is 100 MB), so that
+    streaming writes keep host memory near the pieces in flight."""
+    import tensorstore as ts
+
+    return ts.Context({"file_io_concurrency": {"limit": 128},
+                       "cache_pool#ocdbt": {"total_bytes_limit": _OCDBT_NODE_CACHE_BYTES}})
+
+
 def _register_handler() -> None:
     global _registered
     if _registered:
@@ -176,7 +186,7 @@ def _register_handler() -> None:
                     dtype=value.dtype, use_ocdbt=info.is_ocdbt_checkpoint,
                     process_index=ocdbt_utils.get_process_index_for_subdir(use_ocdbt=info.is_ocdbt_checkpoint),
                 ).json
-                t = await ts.open(ts.Spec(spec), create=True, open=True, context=info.ts_context)
+                t = await ts.open(ts.Spec(spec), create=True, open=True, context=_write_context(info))
                 pending: list = []  # a few writes in flight; memory stays at that many pieces
                 for index, arr in value.pieces():
                     pending.append(asyncio.ensure_future(t[index].write(arr)))
