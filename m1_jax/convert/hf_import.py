@@ -2,8 +2,9 @@
 
 ``plan_import`` checks a folder against the key table (config, index, headers; no weights read) and
 says where every one of our parameters comes from. ``load_hf_checkpoint`` then builds each parameter
-with ``jax.make_array_from_callback`` directly in its target sharding: every device shard is filled
-from the HF tensors it needs, read one at a time, so host memory holds one shard plus one tensor.
+directly in its target sharding (``build_leaf``): the distinct shards this process holds are filled
+from the HF tensors they need, in batches of bounded host memory, each tensor read once per batch; a
+batch goes to its devices before the next is filled. Host memory: one batch plus one tensor.
 """
 
 from __future__ import annotations
@@ -243,34 +244,79 @@ def _normalize(index: tuple, shape: tuple) -> tuple[slice, ...]:
     return tuple(slice(*s.indices(n)) for s, n in zip(index, shape))
 
 
-def fill_shard(reader: SourceReader, entries: list[tuple[tuple, str]], shape: tuple, dtype,
-               index: tuple) -> np.ndarray:
-    """The part ``index`` of one leaf of ``shape``, read from the HF tensors ``entries``
-    (``[(stack index, key)]``)."""
-    sl = _normalize(index, shape)
-    nstack = len(entries[0][0])
-    out = np.empty(tuple(len(range(*s.indices(n))) for s, n in zip(sl, shape)), dtype)
-    inner = sl[nstack:]
-    for stack_idx, key in entries:
-        local = []
-        for i, s in zip(stack_idx, sl[:nstack]):
+class _Shard:
+    """One distinct shard of a leaf: its slices, the devices that hold it, and (while filling) its buffer."""
+
+    def __init__(self, sl: tuple[slice, ...], devices: list, nstack: int, dtype):
+        self.sl, self.devices, self.nstack, self.dtype = sl, devices, nstack, np.dtype(dtype)
+        self.shape = tuple(len(range(s.start, s.stop, s.step)) for s in sl)
+        self.buf: np.ndarray | None = None
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * self.dtype.itemsize
+
+    def local(self, stack_idx: tuple) -> tuple | None:
+        """Where the slice ``stack_idx`` of the leaf goes in this shard (None if it is not in it)."""
+        out = []
+        for i, s in zip(stack_idx, self.sl[: self.nstack]):
             if not (s.start <= i < s.stop) or (i - s.start) % s.step:
-                break
-            local.append((i - s.start) // s.step)
-        else:
-            out[tuple(local)] = reader.ours(key)[inner]
-    return out
+                return None
+            out.append((i - s.start) // s.step)
+        return tuple(out)
+
+
+def build_leaf(reader: SourceReader, entries: list[tuple[tuple, str]], sds, sharding,
+               host_bytes: int = 2 << 30) -> jax.Array:
+    """One parameter, assembled in ``sharding`` from the HF tensors ``entries`` (``[(stack index, key)]``).
+
+    The distinct shards this process holds are filled in batches of at most ``host_bytes`` (one shard if
+    a shard is larger): each HF tensor a batch needs is read once and copied into every shard of the
+    batch that holds part of it, then the batch goes to its devices and its host buffers are freed.
+    """
+    shape, nstack = tuple(sds.shape), len(entries[0][0])
+    distinct: dict[tuple, _Shard] = {}
+    for dev, index in sharding.addressable_devices_indices_map(shape).items():
+        sl = _normalize(index, shape)
+        key = tuple((s.start, s.stop, s.step) for s in sl)
+        distinct.setdefault(key, _Shard(sl, [], nstack, sds.dtype)).devices.append(dev)
+    batches: list[list[_Shard]] = [[]]
+    size = 0
+    for shard in distinct.values():
+        if batches[-1] and size + shard.nbytes > host_bytes:
+            batches.append([])
+            size = 0
+        batches[-1].append(shard)
+        size += shard.nbytes
+    arrays = []
+    for batch in batches:
+        for shard in batch:
+            shard.buf = np.empty(shard.shape, shard.dtype)
+        for stack_idx, key in entries:
+            targets = [(shard, shard.local(stack_idx)) for shard in batch]
+            targets = [(shard, loc) for shard, loc in targets if loc is not None]
+            if not targets:
+                continue
+            w = reader.ours(key)
+            for shard, loc in targets:
+                shard.buf[loc] = w[shard.sl[nstack:]]
+        for shard in batch:
+            arrays += [jax.device_put(shard.buf, d) for d in shard.devices]
+            shard.buf = None
+    return jax.make_array_from_single_device_arrays(shape, sharding, arrays)
 
 
 def leaf_entries(plan: ImportPlan) -> dict[tuple, list[tuple[tuple, str]]]:
     return leaf_sources(plan.key_map)
 
 
-def load_hf_checkpoint(path: str, *, dtype: str | None = None, mesh=None, progress: bool = False):
+def load_hf_checkpoint(path: str, *, dtype: str | None = None, mesh=None, progress: bool = False,
+                       host_bytes: int = 2 << 30):
     """Read ``config.json`` and the safetensors files of a HF MiniMax checkpoint; return ``(config, model)``.
 
-    Each parameter is assembled straight into its sharding on ``mesh`` (default: the first device),
-    shard by shard, reading one HF tensor at a time. HF's derived decay buffers are dropped. ``dtype``
+    Each parameter is assembled straight into its sharding on ``mesh`` (default: the first device) by
+    ``build_leaf``: this process's distinct shards are filled in batches of at most ``host_bytes`` of host
+    memory, each HF tensor read once per batch. HF's derived decay buffers are dropped. ``dtype``
     overrides the parameter dtype (default: the checkpoint's). The router stays float32.
     """
     from m1_jax.convert.placement import param_shardings
@@ -288,17 +334,7 @@ def load_hf_checkpoint(path: str, *, dtype: str | None = None, mesh=None, progre
         reader = SourceReader(plan, on_read=bar.bytes)
         try:
             for p, var in flat.items():
-                sds = var.get_value()
-                cache: dict = {}
-
-                def cb(index, p=p, sds=sds, cache=cache):
-                    k = tuple((s.start, s.stop, s.step) for s in _normalize(index, sds.shape))
-                    if k not in cache:
-                        cache[k] = fill_shard(reader, entries[p], sds.shape, sds.dtype, index)
-                    return cache[k]
-
-                var.set_value(jax.make_array_from_callback(sds.shape, shardings[p], cb))
-                cache.clear()
+                var.set_value(build_leaf(reader, entries[p], var.get_value(), shardings[p], host_bytes))
                 bar.tensors(len(entries[p]))
         finally:
             reader.close()

@@ -37,6 +37,21 @@ SCRIPT = textwrap.dedent(r"""
         np.testing.assert_array_equal(np.asarray(a.get_value()), np.asarray(b.get_value()), err_msg=str(p))
     np.testing.assert_allclose(np.asarray(fwd(model, ids)), np.asarray(fwd(ref, ids)), atol=1e-5)
 
+    # each HF tensor is read once with the default host budget; with a 1-byte budget every shard is its
+    # own batch (more reads, same result)
+    from m1_jax.convert import safetensors_io
+    reads = []
+    orig = safetensors_io.TensorReader.read
+    safetensors_io.TensorReader.read = lambda self, key: (reads.append(key), orig(self, key))[1]
+    m1_jax.load_hf_checkpoint(src, mesh=mesh_a)
+    assert len(reads) == len(set(reads)) == 79, len(reads)  # every mapped tensor once (decay buffers: never)
+    reads.clear()
+    _, small = m1_jax.load_hf_checkpoint(src, mesh=mesh_a, host_bytes=1)
+    assert len(reads) > 79
+    safetensors_io.TensorReader.read = orig
+    for (p, a), (_, b) in zip(nnx.to_flat_state(nnx.state(small)), nnx.to_flat_state(nnx.state(ref))):
+        np.testing.assert_array_equal(np.asarray(a.get_value()), np.asarray(b.get_value()), err_msg=str(p))
+
     # Orbax: save from mesh A, restore onto mesh B
     orbax_io.save_orbax(model, config, tmp + "/ob")
     config_b, model_b = orbax_io.restore_orbax(tmp + "/ob", mesh=mesh_b)
