@@ -189,7 +189,7 @@ def run_rows(args, log):
         rows.append(row)
 
     key = jax.random.PRNGKey(0)
-    layer_lengths = [T for T in args.layer_lengths if T <= args.max_len]
+    layer_lengths = [T for T in args.layer_lengths if T <= args.max_len] if "layers" in args.sections else []
     for T in layer_lengths:
         x = lambda T=T: jax.random.normal(key, (1, T, cfg.hidden_size), jnp.bfloat16)
         for be in args.lightning_backends:
@@ -202,7 +202,7 @@ def run_rows(args, log):
                 fn, s = build_layer(cfg, "softmax", None, impl)
                 return fn, s, (x(),)
             record(f"softmax layer ({impl})", T, bs, layer_flops(cfg, "softmax", T))
-    for T in [T for T in args.decode_lengths if T <= args.max_len]:
+    for T in [T for T in args.decode_lengths if T <= args.max_len and "decode" in args.sections]:
         xd = jax.random.normal(key, (1, cfg.hidden_size), jnp.bfloat16)
         for kind in ("lightning", "softmax"):
             def bd(kind=kind, T=T):
@@ -211,11 +211,12 @@ def run_rows(args, log):
             record(f"{kind} layer decode step", T, bd, layer_flops(cfg, kind, T, decode=True))
     twin = F.softmax_twin(cfg)
     ok_cudnn = any(r["subject"] == "softmax layer (cudnn)" and "seconds" in r for r in rows)
-    attn_impl = "cudnn" if ok_cudnn else "xla"
-    ok_pallas = any(r["subject"] == "lightning layer (pallas_gpu)" and "seconds" in r for r in rows)
+    attn_impl = "cudnn" if ok_cudnn or (on_gpu and "layers" not in args.sections) else "xla"
+    ok_pallas = any(r["subject"] == "lightning layer (pallas_gpu)" and "seconds" in r for r in rows) or (
+        on_gpu and "layers" not in args.sections and "pallas_gpu" in args.lightning_backends)
     cfg = cfg.replace(lightning_backend="pallas_gpu" if ok_pallas else "reference")
     log(f"whole-model softmax attention: {attn_impl}; lightning backend: {cfg.lightning_backend}")
-    for T in [T for T in args.model_lengths if T <= args.max_len]:
+    for T in [T for T in args.model_lengths if T <= args.max_len and "model" in args.sections]:
         ids = lambda T=T: jax.random.randint(key, (1, T), 0, cfg.vocab_size, jnp.int32)
         for name, c in ((f"{args.preset} (hybrid)", cfg), (f"{args.preset} softmax twin", twin)):
             name = f"{name} [{cfg.lightning_backend if c is cfg else attn_impl}]"
@@ -352,6 +353,8 @@ def main(argv=None):
     p.add_argument("--max-len", type=int, default=1 << 20)
     p.add_argument("--budget-s", type=float, default=480, help="start no new row after this many seconds")
     p.add_argument("--row-cap-s", type=float, default=8.0, help="a row slower than this ends its subject's sweep")
+    p.add_argument("--sections", type=lambda s: s.split(","), default=["layers", "decode", "model", "xla"],
+                   help="comma-separated subset of layers,decode,model,xla")
     p.add_argument("--skip-xla-check", action="store_true")
     p.add_argument("--quick", action="store_true", help="CPU smoke run: tiny preset, short lengths")
     p.add_argument("--verbose", action="store_true")
@@ -372,7 +375,7 @@ def main(argv=None):
     log(json.dumps(env))
     rows, cfg = run_rows(args, log)
     res = {"env": env, "preset": args.preset, "rows": rows, "crossovers": crossovers(rows)}
-    if not args.skip_xla_check and time.time() - T0 < args.budget_s + 60:
+    if not args.skip_xla_check and "xla" in args.sections and time.time() - T0 < args.budget_s + 60:
         res["xla_cost_analysis"] = xla_cost_check(cfg, 256 if args.quick else 4096, log)
     with open(os.path.join(args.out, "flops_measured.json"), "w") as f:
         json.dump(res, f, indent=1)
