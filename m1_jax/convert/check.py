@@ -22,9 +22,10 @@ class Report:
     num_tensors: int  # HF tensors the table maps
     num_leaves: int  # our parameters (stacked)
     num_params: int  # from jax.eval_shape of the model
-    headers_checked: bool
+    checked: str  # what was checked beyond the keys
     dropped: int = 0
     notes: tuple[str, ...] = ()
+    dtype: str | None = None  # shown instead of config.param_dtype when that is only a default
 
     def text(self) -> str:
         c = self.config
@@ -34,15 +35,14 @@ class Report:
             f"  config: {c.num_hidden_layers} layers ({c.num_hidden_layers - n_full} lightning, {n_full} softmax), "
             f"hidden {c.hidden_size}, {c.num_attention_heads} heads x {c.head_dim}, {c.num_key_value_heads} kv heads, "
             f"{c.num_local_experts} experts x {c.intermediate_size} (top-{c.num_experts_per_tok}), vocab {c.vocab_size}, "
-            f"rotary_dim {c.rotary_dim}, param dtype {c.param_dtype}",
+            f"rotary_dim {c.rotary_dim}, param dtype {self.dtype or c.param_dtype}",
             f"  {self.num_tensors:,} tensors map onto {self.num_leaves} parameters "
             f"({c.num_blocks} scanned blocks of {c.layer_period} layers)",
             f"  {self.num_params:,} parameters ({self.num_params / 1e9:.1f}B)",
         ]
         if self.dropped:
             lines.append(f"  {self.dropped} derived HF decay buffers will be dropped")
-        lines.append("  shapes and dtypes checked from the safetensors headers" if self.headers_checked
-                     else "  weight files absent: checked config.json and the index keys only (no shapes)")
+        lines.append(f"  {self.checked}")
         lines += [f"  note: {n}" for n in self.notes]
         return "\n".join(lines)
 
@@ -70,7 +70,14 @@ def dry_run_hf(src: str, dtype: str | None = None) -> Report:
     if plan.config.rotary_dim != plan.config.head_dim:
         notes.append(f"rotary_dim {plan.config.rotary_dim} < head_dim {plan.config.head_dim}: transformers' "
                      f"built-in MiniMax ignores rotary_dim (rotates the whole head)")
-    return Report(src, plan.config, len(plan.key_map), n_leaves, n_params, headers, len(plan.dropped), tuple(notes))
+    checked = ("shapes and dtypes checked from the safetensors headers" if headers else
+               "weight files absent: checked config.json and the index keys only (no shapes)")
+    cfg = folder.config
+    dtype_text = None
+    if not headers and dtype is None and not (cfg.get("torch_dtype") or cfg.get("dtype")):
+        dtype_text = "unknown (config.json has no torch_dtype; a conversion takes it from the weights)"
+    return Report(src, plan.config, len(plan.key_map), n_leaves, n_params, checked, len(plan.dropped),
+                  tuple(notes), dtype_text)
 
 
 def dry_run_orbax(src: str) -> Report:
@@ -80,4 +87,5 @@ def dry_run_orbax(src: str) -> Report:
     n_leaves, n_params = abstract_param_count(config)
     from m1_jax.convert.mapping import hf_key_map
 
-    return Report(src, config, len(hf_key_map(config)), n_leaves, n_params, True)
+    return Report(src, config, len(hf_key_map(config)), n_leaves, n_params,
+                  "parameter shapes checked from the zarr metadata")

@@ -12,6 +12,7 @@ its files are the same format ``save_orbax`` writes and ``restore_orbax`` reads.
 
 from __future__ import annotations
 
+import ast
 import asyncio
 import dataclasses
 import json
@@ -133,7 +134,7 @@ def _check_tree(path: str, meta: dict, want: set[str]) -> None:
     have = set()
     for k in meta["_tree_keys"]:
         try:
-            have.add(".".join(str(x) for x in eval(k, {"__builtins__": {}})))  # "('blocks', 'layers', ...)"
+            have.add(".".join(str(x) for x in ast.literal_eval(k)))  # "('blocks', 'layers', '0', ...)"
         except Exception:
             have.add(k)
     missing, extra = sorted(want - have), sorted(have - want)

@@ -67,3 +67,14 @@ def test_cli_round_trip(tiny_hf, tmp_path, capsys):
     assert_same_tensors(read_all(tiny_hf[1]), read_all(hf), skip=("_decay", "slope_rate"))
     assert main(["orbax-to-hf", ob, hf, "--quiet"]) == 1
     assert "already exists" in capsys.readouterr().err
+
+
+def test_dry_run_some_files_missing(tiny_hf, tmp_path, capsys):
+    import m1_jax
+
+    config, model = m1_jax.load_hf_checkpoint(tiny_hf[1])
+    out = str(tmp_path / "sharded")
+    m1_jax.save_hf_checkpoint(model, config, out, max_shard_size="100KB")
+    os.remove(os.path.join(out, "model-00003-of-00008.safetensors"))
+    assert main(["hf-to-orbax", out, "--dry-run"]) == 1
+    assert "1 of the 8 weight files named in the index do not exist" in capsys.readouterr().err
