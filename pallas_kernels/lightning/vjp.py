@@ -37,7 +37,8 @@ def _kernels(impl):
         return m.fwd_fused, m.bwd_fused
     if impl == "triton_chunked":
         from pallas_kernels.lightning import gpu_triton as m
-        return m.fwd_chunked, m.bwd_chunked
+        from pallas_kernels.lightning import gpu_triton_split as s
+        return s.fwd, m.bwd_chunked
     if impl == "mosaic_gpu":
         from pallas_kernels.lightning import gpu_mosaic as m
         return m.fwd, m.bwd

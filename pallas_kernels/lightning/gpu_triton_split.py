@@ -1,0 +1,109 @@
+"""Two-stage forward with a split state pass (Triton lowering), for prefill shapes.
+
+The state pass of the plain two-stage forward (``gpu_triton.chunk_states``) walks all N chunks in
+sequence, which is the critical path when batch x heads is small. Here the chunks are cut into P
+segments of L chunks, walked in parallel from a zero state:
+
+1. ``_local_states_kernel`` (grid B, H, Dk/BK, Dv/BV, P): the local state entering every chunk and
+   each segment's local final state ``M_p``.
+2. XLA (tiny, P x Dk x Dv per head): the state entering each segment,
+   ``Z_p = exp(-lam p L C) h0 + sum_{j<p} exp(-lam (p-1-j) L C) M_j``, and the final state.
+3. ``_out_kernel`` (parallel over b, h, chunk, value tile): the true entering state of chunk
+   n = p L + j is ``S_n = local_n + exp(-lam j C) Z_p``, then ``o = a (Q S_n) + ((Q K^T) * D) V``.
+
+Exponents are masked/clamped before ``exp``; states and sums are float32.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+
+from pallas_kernels.lightning import common as cm
+from pallas_kernels.lightning import gpu_triton as gt
+
+F32 = jnp.float32
+
+
+def pick_segment(N, target):
+    """Largest divisor L of N with L <= target (segments must tile the chunks exactly)."""
+    for L in range(min(target, N), 0, -1):
+        if N % L == 0:
+            return L
+    return 1
+
+
+def _local_states_kernel(lam_ref, k_ref, v_ref, s_ref, m_ref, *, T, C, L, prec):
+    lam = lam_ref[0]
+    p = pl.program_id(4)
+    row, _ = cm.iota_row_col(C)
+
+    def body(j, S):
+        n = p * L + j
+        s_ref[j] = S.astype(s_ref.dtype)
+        b, g = cm.state_decay(lam, row, cm.real_rows(n, C, T))
+        sl = gt._chunk(j, C)
+        return cm.state_update(k_ref[sl, :], v_ref[sl, :], S, b, g, prec)
+
+    m_ref[...] = lax.fori_loop(0, L, body, jnp.zeros(m_ref.shape, F32))
+
+
+def _out_split_kernel(lam_ref, q_ref, k_ref, v_ref, s_ref, z_ref, o_ref, *, C, L, prec):
+    lam = lam_ref[0]
+    j = lax.rem(pl.program_id(2), L)
+    row, col = cm.iota_row_col(C)
+    D, a = cm.intra_decay(lam, row, col)
+    S = s_ref[...].astype(F32) + jnp.exp(-lam * (j * C).astype(F32)) * z_ref[...]
+    o_ref[...] = cm.fwd_out(q_ref[...], k_ref[...], v_ref[...], S, D, a, prec).astype(o_ref.dtype)
+
+
+def fwd(q, k, v, decay, h0, *, T, C, L=16, BK=32, BV=32, BV_out=128, num_warps=4, num_stages=2,
+        interpret=False):
+    B, H, Tp, Dk = q.shape
+    Dv = v.shape[-1]
+    N = Tp // C
+    L = pick_segment(N, L)
+    if L * 4 < min(16, N) or N // L < 2:  # no useful split: plain two-stage forward
+        return gt.fwd_chunked(q, k, v, decay, h0, T=T, C=C, BK=BK, BV=BV, BV_out=BV_out, num_warps=num_warps,
+                              num_stages=num_stages, interpret=interpret)
+    P = N // L
+    BK, BV, BVo = min(BK, Dk), min(BV, Dv), min(BV_out, Dv)
+    prec = cm.precision_for(q.dtype)
+    kw = dict(compiler_params=gt._params(num_warps, num_stages), interpret=interpret)
+    lam5 = pl.BlockSpec((1,), lambda b, h, i, jv, p: (h,))
+    ks = pl.BlockSpec((None, None, L * C, BK), lambda b, h, i, jv, p: (b, h, p, i))
+    vs = pl.BlockSpec((None, None, L * C, BV), lambda b, h, i, jv, p: (b, h, p, jv))
+    ss = pl.BlockSpec((None, None, L, BK, BV), lambda b, h, i, jv, p: (b, h, p, i, jv))
+    ms = pl.BlockSpec((None, None, None, BK, BV), lambda b, h, i, jv, p: (b, h, p, i, jv))
+    local, M = pl.pallas_call(
+        functools.partial(_local_states_kernel, T=T, C=C, L=L, prec=prec),
+        out_shape=(jax.ShapeDtypeStruct((B, H, N, Dk, Dv), q.dtype), jax.ShapeDtypeStruct((B, H, P, Dk, Dv), F32)),
+        grid=(B, H, Dk // BK, Dv // BV, P), in_specs=[lam5, ks, vs], out_specs=(ss, ms),
+        name="lightning_split_local_states", **kw)(decay, k, v)
+
+    # Segment entering states Z_p and the final state (float32, exponents clamped before exp).
+    lam = decay.astype(F32)
+    pidx = jnp.arange(P, dtype=F32)
+    diff = pidx[:, None] - 1.0 - pidx[None, :]  # p - 1 - j
+    W = jnp.exp(jnp.where(diff[None] >= 0, -lam[:, None, None] * (L * C) * jnp.maximum(diff, 0.0)[None], -jnp.inf))
+    hp = lax.Precision.HIGHEST
+    Z = jnp.einsum("hpj,bhjkv->bhpkv", W, M, precision=hp)
+    Z = Z + jnp.exp(-lam[:, None] * (L * C) * pidx[None])[None, :, :, None, None] * h0[:, :, None]
+    last_rows = float(T - (P - 1) * L * C)
+    ht = jnp.exp(-lam * last_rows)[None, :, None, None] * Z[:, :, -1] + M[:, :, -1]
+
+    lam4 = gt._lam_spec(4)
+    qs = pl.BlockSpec((None, None, C, Dk), lambda b, h, n, jv: (b, h, n, 0))
+    vo = pl.BlockSpec((None, None, C, BVo), lambda b, h, n, jv: (b, h, n, jv))
+    st = pl.BlockSpec((None, None, None, Dk, BVo), lambda b, h, n, jv: (b, h, n, 0, jv))
+    zs = pl.BlockSpec((None, None, None, Dk, BVo), lambda b, h, n, jv: (b, h, n // L, 0, jv))
+    o = pl.pallas_call(
+        functools.partial(_out_split_kernel, C=C, L=L, prec=prec),
+        out_shape=jax.ShapeDtypeStruct((B, H, Tp, Dv), q.dtype),
+        grid=(B, H, N, Dv // BVo), in_specs=[lam4, qs, qs, vo, st, zs], out_specs=vo,
+        name="lightning_split_out", **kw)(decay, q, k, v, local, Z)
+    return o, ht
