@@ -25,7 +25,7 @@ from m1_jax.convert.atomic import staged_folder
 from m1_jax.convert.errors import CheckpointError
 from m1_jax.convert.mapping import Target, hf_key_map, is_router, to_hf
 from m1_jax.convert.progress import Progress
-from m1_jax.convert.safetensors_io import ST_TO_NP, NAME_TO_ST, ShardedWriter, st_dtype
+from m1_jax.convert.safetensors_io import NAME_TO_ST, ST_TO_NP, ShardedWriter
 
 ORIGINAL_CONFIG_NAME = "config.original.json"
 

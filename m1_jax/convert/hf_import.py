@@ -21,7 +21,7 @@ from flax import nnx
 
 from m1_jax.config import FULL, LINEAR, ConfigError, ModelConfig
 from m1_jax.convert.errors import CheckpointError
-from m1_jax.convert.mapping import (DERIVED_KEY, FusedPart, Target, fused_key_map, hf_key_map, is_router,
+from m1_jax.convert.mapping import (DERIVED_KEY, FusedPart, Target, fused_key_map, hf_key_map,
                                     leaf_sources, take_fused, to_ours)
 from m1_jax.convert.safetensors_io import (INDEX_NAME, NAME_TO_ST, ST_TO_NAME, ST_TO_NP, SafetensorsFolder,
                                            TensorReader)

@@ -16,7 +16,6 @@ import ast
 import asyncio
 import dataclasses
 import json
-import math
 import os
 from typing import Callable, Iterator
 
