@@ -195,6 +195,20 @@ def shard_state(state, mesh, rules: Rules | None = None):
     return jax.device_put(state, state_shardings(state, mesh, rules))
 
 
+def put_global(tree, shardings):
+    """Place host values (identical on every process) into global arrays with ``shardings`` (a tree of
+    ``NamedSharding`` matching ``tree``, e.g. from :func:`state_shardings`). Works with multi-process
+    meshes, where ``jax.device_put`` cannot address the other processes' devices: each process fills
+    only its own shards. For per-process data use ``jax.make_array_from_process_local_data``."""
+    import numpy as np
+
+    def one(x, s):
+        arr = np.asarray(x)
+        return jax.make_array_from_callback(arr.shape, s, lambda idx: arr[idx])
+
+    return jax.tree.map(one, tree, shardings)
+
+
 def shard_model(model, mesh, rules: Rules | None = None):
     """Move a (single-device) NNX model's state onto ``mesh`` in place; returns the model."""
     from flax import nnx
@@ -245,7 +259,7 @@ def constrain(x: jax.Array, logical_axes: Sequence[str | None], rules: Rules | N
 
 
 __all__ = [
-    "RULES", "TOKEN_AXES", "Rules", "batch_sharding", "constrain", "current_mesh", "current_rules",
+    "RULES", "TOKEN_AXES", "Rules", "batch_sharding", "constrain", "current_mesh", "current_rules", "put_global",
     "logical_sharding", "logical_to_mesh_spec", "mesh_axis_size", "shard_model", "shard_state",
     "state_shardings", "state_specs", "use_rules", "variable_logical_axes",
 ]
