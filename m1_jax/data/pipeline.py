@@ -26,7 +26,6 @@ import dataclasses
 import json
 from typing import Any, Iterator
 
-import gin
 import grain
 import grain.experimental as grain_exp
 import numpy as np
@@ -35,7 +34,6 @@ from m1_jax.data.sources import BUNDLED, make_source
 from m1_jax.data.tokenizer import make_tokenizer
 
 
-@gin.configurable
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
     """Where the text comes from and how it becomes batches.
@@ -68,6 +66,8 @@ class DataConfig:
             if not cond:
                 raise ValueError(f"DataConfig.{field} = {getattr(self, field)!r} is invalid: expected {expected}")
 
+        need(isinstance(self.source, str) and self.source, "source", "a path, glob or 'tinyshakespeare'")
+        need(isinstance(self.tokenizer, str) and self.tokenizer, "tokenizer", "'byte' or a tokenizer.json path")
         need(isinstance(self.seq_len, int) and self.seq_len > 0, "seq_len", "a positive integer")
         need(isinstance(self.batch_size, int) and self.batch_size > 0, "batch_size", "a positive integer")
         need(self.batch_size % process_count == 0, "batch_size",

@@ -1,18 +1,33 @@
 """Pretraining: configs (gin over dataclasses), optimizer, chunked loss, train step, loop, checkpoints.
 
 ``python train.py`` (repo root) is the entry point; ``m1_jax.train.main(argv)`` is the same in Python.
+Submodules import lazily: ``m1_jax.train.step``, ``.loss`` and ``.optimizer`` need neither gin nor
+Grain (the benchmarks run on machines without them).
 """
 
-from m1_jax.train.config import RunConfig, TrainConfig, UsageError, config_from_argv, load_config
-from m1_jax.train.loop import NonFiniteError, RunResult, train
-from m1_jax.train.loss import chunked_cross_entropy
-from m1_jax.train.optimizer import OptimizerConfig, make_optimizer, make_schedule
+import importlib
+
+_LAZY = {
+    "RunConfig": "config", "TrainConfig": "config", "UsageError": "config", "config_from_argv": "config",
+    "load_config": "config", "NonFiniteError": "loop", "RunResult": "loop", "train": "loop",
+    "chunked_cross_entropy": "loss", "OptimizerConfig": "optimizer", "make_optimizer": "optimizer",
+    "make_schedule": "optimizer",
+}
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        return getattr(importlib.import_module(f"m1_jax.train.{_LAZY[name]}"), name)
+    raise AttributeError(f"module 'm1_jax.train' has no attribute {name!r}")
 
 
 def main(argv=None) -> int:
+    """``train.py``: parse flags and gin, train; returns the exit code (2: bad config, 3: non-finite stop)."""
     import sys
 
     from m1_jax.config import ConfigError
+    from m1_jax.train.config import UsageError, config_from_argv
+    from m1_jax.train.loop import NonFiniteError, train
 
     try:
         run = config_from_argv(argv)
@@ -30,6 +45,4 @@ def main(argv=None) -> int:
     return 0
 
 
-__all__ = ["NonFiniteError", "OptimizerConfig", "RunConfig", "RunResult", "TrainConfig", "UsageError",
-           "chunked_cross_entropy", "config_from_argv", "load_config", "main", "make_optimizer", "make_schedule",
-           "train"]
+__all__ = sorted(_LAZY) + ["main"]

@@ -28,7 +28,11 @@ from m1_jax.config import ConfigError, ModelConfig
 from m1_jax.data.pipeline import DataConfig
 from m1_jax.train.optimizer import OptimizerConfig
 
+# Classes defined without gin (so the model, the train step and the benchmarks import without it) are
+# registered here; call these wrappers (not the plain classes) to get the bound values.
 MeshConfig = gin.external_configurable(sharding.MeshConfig, name="MeshConfig")
+_DataConfig = gin.external_configurable(DataConfig, name="DataConfig")
+_OptimizerConfig = gin.external_configurable(OptimizerConfig, name="OptimizerConfig")
 
 RESUME_MODES = ("auto", "must", "never")
 
@@ -222,11 +226,16 @@ def load_config(files: Sequence[str] = (), bindings: Sequence[str] = (), resume:
         train = TrainConfig()
         if resume is not None:
             train = dataclasses.replace(train, resume=resume)
-        data = DataConfig()
-        opt = OptimizerConfig()
+        data = _DataConfig()
+        opt = _OptimizerConfig()
         mesh = MeshConfig()
     except TypeError as e:
         raise UsageError(f"bad gin configuration: {e}") from None
+    for obj in (train, data, opt, mesh):
+        for f in dataclasses.fields(obj):
+            if getattr(obj, f.name) is gin.REQUIRED:
+                raise UsageError(f"{type(obj).__name__}.{f.name} is required by the gin files "
+                                 f"{list(files)}: set it with --gin.{type(obj).__name__}.{f.name}=...")
     train.validate()
     data.validate(process_count)
     opt.validate(train.steps)

@@ -6,7 +6,6 @@ from __future__ import annotations
 import dataclasses
 import math
 
-import gin
 import jax
 import jax.numpy as jnp
 import optax
@@ -14,7 +13,6 @@ import optax
 SCHEDULES = ("cosine", "wsd", "constant")
 
 
-@gin.configurable
 @dataclasses.dataclass(frozen=True)
 class OptimizerConfig:
     """``schedule``: ``cosine`` (linear warmup to ``learning_rate``, cosine to ``min_lr_ratio`` x peak at
