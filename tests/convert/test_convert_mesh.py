@@ -59,6 +59,14 @@ SCRIPT = textwrap.dedent(r"""
     np.testing.assert_array_equal(np.asarray(w1b), np.asarray(w1))
     np.testing.assert_allclose(np.asarray(fwd(model_b, ids)), np.asarray(fwd(model, ids)), atol=1e-5)  # other reduction order
 
+    # a streamed (hf_to_orbax) checkpoint restores onto a mesh too
+    orbax_io.hf_to_orbax(src, tmp + "/ob_streamed")
+    _, model_s = orbax_io.restore_orbax(tmp + "/ob_streamed", mesh=mesh_a)
+    w1s = model_s.blocks.layers[0].block_sparse_moe.w1.get_value()
+    assert w1s.sharding.spec == w1.sharding.spec
+    for (p, a), (_, b) in zip(nnx.to_flat_state(nnx.state(model_s)), nnx.to_flat_state(nnx.state(ref))):
+        np.testing.assert_array_equal(np.asarray(a.get_value()), np.asarray(b.get_value()), err_msg=str(p))
+
     # export from the sharded model is the source checkpoint again
     m1_jax.save_hf_checkpoint(model_b, config_b, tmp + "/hf", max_shard_size="100KB")
     assert_same_tensors(read_all(src), read_all(tmp + "/hf"), skip=("_decay", "slope_rate"))
