@@ -156,7 +156,7 @@ class StreamedLeaf:
 _registered = False
 
 
-def _write_context(info):
+def _write_context():
     """Orbax's tensorstore context with a smaller OCDBT B-tree node cache (Orbax's is 100 MB), so that
     streaming writes keep host memory near the pieces in flight."""
     import tensorstore as ts
@@ -179,6 +179,7 @@ def _register_handler() -> None:
         back as a numpy / jax array."""
 
         async def _background_serialize(self, values, infos, args=None):
+            context = _write_context()
             for value, info, arg in zip(values, infos, args):
                 await info.await_path_creation()
                 spec = ts_utils.build_array_write_spec(
@@ -186,14 +187,19 @@ def _register_handler() -> None:
                     dtype=value.dtype, use_ocdbt=info.is_ocdbt_checkpoint,
                     process_index=ocdbt_utils.get_process_index_for_subdir(use_ocdbt=info.is_ocdbt_checkpoint),
                 ).json
-                t = await ts.open(ts.Spec(spec), create=True, open=True, context=_write_context(info))
+                t = await ts.open(ts.Spec(spec), create=True, open=True, context=context)
                 pending: list = []  # a few writes in flight; memory stays at that many pieces
-                for index, arr in value.pieces():
-                    pending.append(asyncio.ensure_future(t[index].write(arr)))
-                    if len(pending) >= _WRITES_IN_FLIGHT:
+                try:
+                    for index, arr in value.pieces():
+                        pending.append(asyncio.ensure_future(t[index].write(arr)))
+                        if len(pending) >= _WRITES_IN_FLIGHT:
+                            await pending.pop(0)
+                    while pending:
                         await pending.pop(0)
-                for p in pending:
-                    await p
+                except BaseException:
+                    # let the writes in flight finish before the error unwinds and the folder is removed
+                    await asyncio.gather(*pending, return_exceptions=True)
+                    raise
 
         async def serialize(self, values, infos, args=None):
             import orbax.checkpoint as ocp

@@ -211,3 +211,22 @@ def test_orbax_checkpoint_errors(tiny_hf, tmp_path):
                                               r"\(2, [46][^)]*\); expected \(2, [68][^)]*\)"):
         orbax_io.orbax_to_hf(str(tmp_path / "ob"), str(tmp_path / "hf"))
     assert not (tmp_path / "hf").exists()
+
+
+def test_error_during_streamed_write_leaves_nothing(tiny_hf, tmp_path, monkeypatch):
+    """A read failure in the middle of hf_to_orbax's background writes propagates and cleans up."""
+    from m1_jax.convert import hf_import, orbax_io
+
+    orig = hf_import.SourceReader.hf
+    count = [0]
+
+    def failing(self, key):
+        count[0] += 1
+        if count[0] == 30:
+            raise CheckpointError(f"simulated read failure at {key!r}")
+        return orig(self, key)
+
+    monkeypatch.setattr(hf_import.SourceReader, "hf", failing)
+    with pytest.raises(CheckpointError, match="simulated read failure at 'model.layers"):
+        orbax_io.hf_to_orbax(tiny_hf[1], str(tmp_path / "ob"))
+    assert os.listdir(tmp_path) == []
