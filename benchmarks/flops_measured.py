@@ -338,6 +338,29 @@ def plot(rows, path):
     plt.close(fig)
 
 
+def merge(paths, out):
+    rows, envs = {}, []
+    for path in paths:
+        with open(path) as f:
+            res = json.load(f)
+        envs.append(res["env"])
+        for r in res["rows"]:
+            rows[(r["subject"], r["T"])] = r
+    order = ["lightning layer (", "softmax layer (", "lightning layer decode", "softmax layer decode", "(hybrid)", "twin"]
+    rank = lambda r: (next((i for i, o in enumerate(order) if o in r["subject"]), 9), r["subject"], r["T"])
+    rows = sorted(rows.values(), key=rank)
+    os.makedirs(out, exist_ok=True)
+    res = {"envs": envs, "rows": rows, "crossovers": crossovers(rows)}
+    with open(os.path.join(out, "flops_measured.json"), "w") as f:
+        json.dump(res, f, indent=1)
+    md = table(rows) + "\n\ncrossovers (first T where softmax is slower): " + json.dumps(res["crossovers"])
+    with open(os.path.join(out, "flops_measured.md"), "w") as f:
+        f.write(md + "\n")
+    plot(rows, os.path.join(out, "flops_measured.png"))
+    print(md)
+    return 0
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     K = 1024
@@ -358,7 +381,12 @@ def main(argv=None):
     p.add_argument("--skip-xla-check", action="store_true")
     p.add_argument("--quick", action="store_true", help="CPU smoke run: tiny preset, short lengths")
     p.add_argument("--verbose", action="store_true")
+    p.add_argument("--merge", type=lambda s: s.split(","), default=None,
+                   help="no measuring: merge saved flops_measured.json files (later files replace earlier rows "
+                        "of the same subject and T) and write the table and PNG to --out")
     args = p.parse_args(argv)
+    if args.merge:
+        return merge(args.merge, args.out)
     if args.quick:
         args.preset, args.max_len = "tiny", 256
         args.layer_lengths, args.decode_lengths, args.model_lengths = [64, 256], [64, 256], [64, 256]
