@@ -8,8 +8,7 @@ import numpy as np
 import pytest
 import torch
 from flax import nnx
-from conftest import tiny_hf_model
-from convert_helpers import assert_same_tensors, read_all
+from convert_helpers import assert_same_tensors, read_all, tiny_hf_model
 
 import m1_jax
 from m1_jax.convert import orbax_io
