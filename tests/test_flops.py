@@ -153,7 +153,6 @@ SMALL8 = ModelConfig.preset("small", num_hidden_layers=8, layer_types=ModelConfi
 
 
 @pytest.mark.parametrize("name,cfg,T,tol,tol_elem", [
-    ("tiny", TINY, 128, 0.10, 0.03),
     ("tiny", TINY, 1024, 0.10, 0.03),
     ("tiny twin", F.softmax_twin(TINY), 1024, 0.10, 0.03),
     ("small x8 layers", SMALL8, 512, 0.01, 0.005),
