@@ -49,6 +49,7 @@ def hf_configs(config: ModelConfig, dtype: str) -> tuple[dict, dict]:
     original = config.to_hf_original()
     for d in (builtin, original):
         d["torch_dtype"] = dtype
+    builtin["dtype"] = dtype  # the transformers >= 5 name (it still reads torch_dtype)
     # The remote code hard-codes BLOCK = 256 and ignores this field; keep it so the file round-trips.
     original.setdefault("block_size", config.block_size)
     return builtin, original
