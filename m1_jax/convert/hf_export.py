@@ -108,6 +108,10 @@ def save_hf_checkpoint(model, config: ModelConfig | None, path: str, *, max_shar
     missing = sorted({t.path for t in key_map.values()} - set(flat))
     if missing:
         raise CheckpointError(f"model has no parameter {missing[0]} that the key table needs")
+    remote = [p for p, v in flat.items() if isinstance(v, jax.Array) and not v.is_fully_addressable]
+    if remote:
+        raise CheckpointError(f"save_hf_checkpoint: parameter {'.'.join(map(str, remote[0]))} has shards on other "
+                              f"processes; on a multi-host mesh use save_orbax, then orbax_to_hf on one host")
 
     def get(key: str) -> np.ndarray:
         t = key_map[key]
