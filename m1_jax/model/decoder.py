@@ -47,12 +47,15 @@ class DecoderLayer(nnx.Module):
         self.mlp_alpha, self.mlp_beta = c.mlp_alpha_factor, c.mlp_beta_factor
 
     def __call__(self, h, layer_idx, positions, segment_ids=None):
-        u = self.input_layernorm(h)
         if self.is_softmax:
-            a = self.self_attn(u, positions, segment_ids=segment_ids)
-        else:
-            a = self.self_attn(u, layer_idx, segment_ids=segment_ids)
-        h = self.alpha * u + self.beta * a
+            return self.residual_forward(h, lambda u: self.self_attn(u, positions, segment_ids=segment_ids))
+        return self.residual_forward(h, lambda u: self.self_attn(u, layer_idx, segment_ids=segment_ids))
+
+    def residual_forward(self, h, attend):
+        """The DeepNorm layer around any attention function ``attend(u) -> a`` (inference passes a cached
+        one); returns ``(output, router_stats)``."""
+        u = self.input_layernorm(h)
+        h = self.alpha * u + self.beta * attend(u)
         w = self.post_attention_layernorm(h)
         f, stats = self.block_sparse_moe(w)
         return self.mlp_alpha * w + self.mlp_beta * f, stats

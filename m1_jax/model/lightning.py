@@ -62,11 +62,15 @@ class LightningAttention(nnx.Module):
         self.out_proj = param(rngs, (n, d, h), ("heads", "head_dim", "embed"), pdt, std=std)
 
     def __call__(self, x: jax.Array, layer_idx, *, segment_ids=None, initial_state=None,
-                 return_state: bool = False):
+                 return_state: bool = False, token_mask=None):
+        """``token_mask [B, T]`` (1 = real token) zeroes q, k, v of padding so that left padding leaves
+        the state exactly as if the padding were absent."""
         c = self.config
         dt = x.dtype
         qkv = jnp.einsum("bth,hnkd->btnkd", x, self.qkv_proj.value.astype(dt))
         qkv = jax.nn.silu(qkv.astype(jnp.float32)).astype(dt)
+        if token_mask is not None:
+            qkv = qkv * token_mask.astype(dt)[:, :, None, None, None]
         q, k, v = (jnp.swapaxes(qkv[:, :, :, i], 1, 2) for i in range(3))  # [B, N, T, D]
         # pallas_kernels.lightning_attention, run as LASP-2 when the mesh has a context axis > 1
         o, state = context_parallel.lightning_attention(

@@ -12,16 +12,24 @@ from m1_jax.model.rope import apply_rope, rope_cos_sin
 from sharding import context_parallel
 
 
+def _cudnn_suits(q) -> bool:
+    """cuDNN flash attention: NVIDIA GPU, half-precision operands, head_dim a multiple of 8 up to 128."""
+    return (jax.default_backend() == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16)
+            and q.shape[-1] % 8 == 0 and q.shape[-1] <= 128)
+
+
 def causal_attention(q, k, v, *, segment_ids=None, implementation=None):
     """Causal GQA attention on ``[B, T, N, D]`` / ``[B, S, K, D]`` through ``jax.nn.dot_product_attention``.
 
-    Softmax statistics are float32 (XLA path) or handled by cuDNN on GPU. With ``segment_ids`` a token
-    attends only within its own document.
+    ``implementation=None`` picks cuDNN flash attention where it applies (GPU, bf16/fp16, unpacked rows)
+    and XLA elsewhere; XLA keeps the softmax statistics in float32. With ``segment_ids`` a token attends
+    only within its own document.
     """
     mask = None
     if segment_ids is not None:
         mask = (segment_ids[:, :, None] == segment_ids[:, None, :])[:, None]  # [B, 1, T, S]
-        implementation = "xla" if implementation is None else implementation
+    if implementation is None:
+        implementation = "cudnn" if mask is None and _cudnn_suits(q) else "xla"
     return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=True, implementation=implementation)
 
 
