@@ -12,6 +12,7 @@ import sys
 SUBCOMMANDS = {
     "convert": ("m1_jax.convert.cli", "checkpoint conversion: hf-to-orbax, orbax-to-hf (see docs/conversion.md)"),
     "flops": ("m1_jax.flops", "analytic FLOPs table and the paper's figure (see docs/flops.md)"),
+    "generate": ("m1_jax.generate_cli", "continue prompts with a checkpoint (cached decoding, sampling)"),
     "demo": ("m1_jax.demo", "train the tiny preset on the bundled corpus for a few steps"),
 }
 

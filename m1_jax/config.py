@@ -340,6 +340,7 @@ class ModelConfig:
             "layernorm_mlp_alpha": self.mlp_alpha_factor,
             "layernorm_mlp_beta": self.mlp_beta_factor,
             "postnorm": True,
+            "block_size": self.block_size,
             "shared_intermediate_size": 0,
             "shared_moe_mode": "sigmoid",
         })
