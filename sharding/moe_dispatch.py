@@ -140,10 +140,30 @@ def moe_capacity(x, gate, w1, w3, w2, *, route_fn: RouteFn, top_k: int, capacity
     return _run(local, x, gate, w1, w3, w2, mesh, (P(), P()))
 
 
-def moe_ragged(x, gate, w1, w3, w2, *, route_fn: RouteFn, top_k: int, mesh=None):
+def ragged_all_to_all_emulated(operand, output, input_offsets, send_sizes, output_offsets, recv_sizes, *,
+                               axis_name):
+    """``lax.ragged_all_to_all`` built from a dense ``all_to_all`` (each shard sends ``rows(operand)``
+    slots to every peer). Same semantics; for checking the dropless path where the real collective is
+    missing (XLA:CPU), not for speed."""
+    M, H = operand.shape
+    R = output.shape[0]
+    i = jnp.arange(M)
+    valid = i[None, :] < send_sizes[:, None]  # [peers, M]
+    src = jnp.clip(input_offsets[:, None] + i[None, :], 0, M - 1)
+    send = jnp.where(valid[..., None], operand[src], 0)  # [peers, M, H]
+    recv = lax.all_to_all(send, axis_name, 0, 0, tiled=True)  # [sources, M, H]
+    offs = lax.all_to_all(output_offsets[:, None], axis_name, 0, 0, tiled=True)[:, 0]  # source's offset for me
+    ok = i[None, :] < recv_sizes[:, None]
+    dst = jnp.where(ok, offs[:, None] + i[None, :], R)
+    return output.at[dst.reshape(-1)].set(recv.reshape(-1, H), mode="drop")
+
+
+def moe_ragged(x, gate, w1, w3, w2, *, route_fn: RouteFn, top_k: int, mesh=None, a2a=None):
     """Dropless expert-parallel MoE with ``lax.ragged_all_to_all`` (GPU/TPU). Same interface as
-    :func:`moe_capacity` (the dropped fraction is always 0)."""
+    :func:`moe_capacity` (the dropped fraction is always 0). ``a2a`` replaces the collective (tests pass
+    :func:`ragged_all_to_all_emulated` on CPU)."""
     mesh = current_mesh() if mesh is None else mesh
+    a2a = lax.ragged_all_to_all if a2a is None else a2a
     E = w1.shape[0]
 
     def local(x, gate, w1, w3, w2, token_axes, tp_axes, ep):
@@ -175,8 +195,8 @@ def moe_ragged(x, gate, w1, w3, w2, *, route_fn: RouteFn, top_k: int, mesh=None)
             output_offsets = before[me]
             recv_sizes = per_target[:, me]
             R = M * ep  # worst case: every source sends all its pairs to this shard
-            recv = lax.ragged_all_to_all(xs, jnp.zeros((R, H), xs.dtype), input_offsets, send_sizes,
-                                         output_offsets, recv_sizes, axis_name=EXPERT)
+            recv = a2a(xs, jnp.zeros((R, H), xs.dtype), input_offsets, send_sizes, output_offsets, recv_sizes,
+                       axis_name=EXPERT)
             # local expert of every received row (sources in rank order, each sorted by local expert)
             mine = Gs[:, me, :]  # [source, E_loc]
             seg_sizes = mine.reshape(-1)
@@ -196,8 +216,8 @@ def moe_ragged(x, gate, w1, w3, w2, *, route_fn: RouteFn, top_k: int, mesh=None)
             # mirror exchange: return rows to their sources, into the slots they were sent from
             back_in_offsets = before[:, me]
             back_out_offsets = (jnp.cumsum(per_target, axis=1) - per_target)[:, me]
-            ys = lax.ragged_all_to_all(yr, jnp.zeros((M, H), yr.dtype), back_in_offsets, recv_sizes,
-                                       back_out_offsets, send_sizes, axis_name=EXPERT)
+            ys = a2a(yr, jnp.zeros((M, H), yr.dtype), back_in_offsets, recv_sizes, back_out_offsets, send_sizes,
+                     axis_name=EXPERT)
             ys = ys.astype(jnp.float32)
             dropped = jnp.zeros((), jnp.float32)
         y = jnp.zeros((M, H), jnp.float32).at[order].set(ys).reshape(N, top_k, H)
@@ -208,4 +228,4 @@ def moe_ragged(x, gate, w1, w3, w2, *, route_fn: RouteFn, top_k: int, mesh=None)
     return _run(local, x, gate, w1, w3, w2, mesh, (P(), P()))
 
 
-__all__ = ["capacity", "moe_capacity", "moe_ragged"]
+__all__ = ["capacity", "moe_capacity", "moe_ragged", "ragged_all_to_all_emulated"]
