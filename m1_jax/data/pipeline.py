@@ -53,7 +53,7 @@ class DataConfig:
     tokenizer: str = "byte"
     eos_token: str | None = None
     add_eos: bool = True
-    seq_len: int = 256
+    seq_len: int = 128
     batch_size: int = 16
     shuffle: bool = True
     seed: int = 0
