@@ -1,7 +1,8 @@
 """Orbax checkpoints of a run: train state, data-iterator position and the run's config.
 
 Layout: ``run_dir/checkpoints/<step>/{state, data, config}``: ``state`` the train-state pytree
-(sharded arrays, restored straight into their shardings), ``data`` the iterator state (JSON),
+(sharded arrays, restored straight into their shardings), ``data`` the iterator state of every host
+(Grain's checkpoint handler: ``process_<i>-of-<n>.json``, each host restores its own),
 ``config`` the operative gin config and the resolved dataclasses (JSON) of the run that wrote it.
 Saves are asynchronous (training continues while the arrays are written); the manager keeps the last
 ``keep`` checkpoints. A human-readable copy of the operative config is also written to
@@ -13,8 +14,28 @@ from __future__ import annotations
 import os
 from typing import Any
 
+import json
+
+import grain
 import jax
 import orbax.checkpoint as ocp
+
+
+class _StateBox:
+    """Holds one host's iterator state (captured at the step being saved) for Grain's handler, which
+    writes ``get_state()`` bytes to ``process_<i>-of-<n>.json`` and reads them back with ``set_state``."""
+
+    def __init__(self, state=None):
+        self.state = state
+
+    def get_state(self) -> bytes:
+        return json.dumps(self.state, indent=1).encode()
+
+    def set_state(self, raw: bytes) -> None:
+        self.state = json.loads(raw)
+
+    def start_prefetch(self) -> None:
+        pass
 
 
 class Checkpointer:
@@ -37,7 +58,7 @@ class Checkpointer:
     def save(self, step: int, state, data_state: dict[str, Any], config: dict[str, Any], *, force=False) -> bool:
         saved = self.manager.save(
             step,
-            args=ocp.args.Composite(state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state),
+            args=ocp.args.Composite(state=ocp.args.StandardSave(state), data=grain.checkpoint.CheckpointSave(_StateBox(data_state)),
                                     config=ocp.args.JsonSave(config)),
             force=force,
         )
@@ -63,12 +84,13 @@ class Checkpointer:
 
     def restore(self, step: int, abstract_state) -> tuple[Any, dict[str, Any], dict[str, Any]]:
         """Restore into ``abstract_state`` (``ShapeDtypeStruct`` leaves carrying their shardings)."""
+        box = _StateBox()
         out = self.manager.restore(
             step,
-            args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore(),
-                                    config=ocp.args.JsonRestore()),
+            args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state),
+                                    data=grain.checkpoint.CheckpointRestore(box), config=ocp.args.JsonRestore()),
         )
-        return out["state"], out["data"], out["config"]
+        return out["state"], box.state, out["config"]
 
     def close(self) -> None:
         self.wait()

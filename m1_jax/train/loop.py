@@ -138,7 +138,7 @@ def train(run: RunConfig, *, verbose: bool = True) -> RunResult:
     graphdef, _ = step_lib.abstract_model(model_cfg, tc.seed)
 
     def finish_sample(state) -> str | None:
-        if tc.sample_tokens <= 0 or not is_main and jax.process_count() == 1:
+        if tc.sample_tokens <= 0:  # every process takes part (the params may be sharded); one prints
             return None
         tok = data.tokenizer
         prompt = tok.encode(tc.sample_prompt) if tc.sample_prompt else np.asarray([0], np.int32)
