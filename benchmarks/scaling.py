@@ -160,10 +160,13 @@ def main() -> None:
             rec = {"config": spec, "n": n, "mesh": dict(mesh.shape), "moe_impl": impl, "batch": B, "seq": T,
                    "step_s": round(dt, 4), "compile_s": round(compile_s, 1), "tokens_per_s": round(tokens / dt, 1),
                    "tokens_per_s_per_device": round(tokens / dt / n, 1), "loss": float(m["loss"]),
-                   "dropped_fraction": float(m["dropped"]), "peak_gib_dev0": mem}
+                   "dropped_fraction": float(m["dropped"]), "peak_gib_dev0_so_far": mem}
             results.append(rec)
             emit(rec)
-            del params, opt_state, train
+            del params, opt_state, train, ids
+            import gc
+            gc.collect()
+            jax.clear_caches()
         except Exception as e:  # keep going: one failing config must not lose the others
             emit({"config": spec, "error": f"{type(e).__name__}: {str(e)[:1500]}"})
             traceback.print_exc()
