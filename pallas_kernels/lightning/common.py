@@ -59,8 +59,9 @@ def state_decay(lam, row, m):
 
 
 def real_rows(n, C, T):
-    """Real rows in chunk ``n`` of a sequence of T tokens (only the last chunk may be short)."""
-    return jnp.minimum(C, T - n * C)
+    """Real rows in chunk ``n`` of a sequence of T tokens (the last chunk may be short; chunks wholly in
+    the padding have 0 rows: they neither decay nor add to the state)."""
+    return jnp.clip(T - n * C, 0, C)
 
 
 def fwd_out(q, k, v, S, D, a, prec):

@@ -41,6 +41,15 @@ def interpret_supported() -> bool:
     return _interpret_params() is not None
 
 
+def _compiler_params():
+    sem = getattr(getattr(plgpu, "LoweringSemantics", None), "Lane", None)
+    try:
+        return plgpu.CompilerParams(approx_math=False, lowering_semantics=sem) if sem is not None else \
+            plgpu.CompilerParams(approx_math=False)
+    except TypeError:  # a JAX without the field
+        return plgpu.CompilerParams(approx_math=False)
+
+
 def supported(q, v, C) -> bool:
     Dk, Dv = q.shape[-1], v.shape[-1]
     return (jnp.dtype(q.dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)) and C == CHUNK
@@ -63,19 +72,22 @@ def _kernel(q_ref, k_ref, v_ref, h0_ref, lamc_ref, lamk_ref, o_ref, ht_ref,
     for i in range(3):
         plgpu.barrier_wait(bars.at[i])
     S0 = cast(st_smem[...], wg)
-    lamc = cast(lc_smem[...], wg.reduce(1))  # [C], every entry = lambda
-    lamk = cast(lk_smem[...], wg.reduce(1))  # [Dk]
+    load1d = (lambda ref: ref[...]) if interp else (lambda ref: plgpu.load(ref, (), layout=wg.reduce(1)))
+    lamc = load1d(lc_smem)  # [C], every entry = lambda
+    lamk = load1d(lk_smem)  # [Dk]
 
     lam_cc = lax.broadcast_in_dim(lamc, (C, C), [0])
     row = iota(jnp.int32, (C, C), 0, wg)
     col = iota(jnp.int32, (C, C), 1, wg)
-    D = jnp.exp(jnp.where(row >= col, -lam_cc * (row - col).astype(F32), -jnp.inf))
+    ninf_cc = jnp.full((C, C), -jnp.inf, F32)
+    D = jnp.exp(jnp.where(row >= col, -lam_cc * (row - col).astype(F32), ninf_cc))
     lam_cv = lax.broadcast_in_dim(lamc, (C, BV), [0])
     rv = iota(jnp.int32, (C, BV), 0, wg).astype(F32)
     a2 = jnp.exp(-lam_cv * (rv + 1.0))
     m_last = float(T - (N - 1) * C)
     b_full = jnp.exp(-lam_cv * (C - 1.0 - rv))
-    b_last = jnp.exp(jnp.where(m_last - 1.0 - rv >= 0.0, -lam_cv * (m_last - 1.0 - rv), -jnp.inf))
+    b_last = jnp.exp(jnp.where(m_last - 1.0 - rv >= 0.0, -lam_cv * (m_last - 1.0 - rv),
+                               jnp.full((C, BV), -jnp.inf, F32)))
     lam_kv = lax.broadcast_in_dim(lamk, (Dk, BV), [0])
     g_full = jnp.exp(-lam_kv * float(C))
     g_last = jnp.exp(-lam_kv * m_last)
@@ -109,9 +121,10 @@ def _kernel(q_ref, k_ref, v_ref, h0_ref, lamc_ref, lamk_ref, o_ref, ht_ref,
         plgpu.commit_smem()
         plgpu.copy_smem_to_gmem(o_smem2.at[slot], o_ref.at[bi, hi, pl.ds(n * C, C), vs])
 
+        # Full-shape predicates: select_n has no implicit broadcast in every lowering mode.
         last = n == N - 1
-        bb = jnp.where(last, b_last, b_full)
-        gg = jnp.where(last, g_last, g_full)
+        bb = jnp.where(jnp.broadcast_to(last, (C, BV)), b_last, b_full)
+        gg = jnp.where(jnp.broadcast_to(last, (Dk, BV)), g_last, g_full)
         vv = cast(v_smem[...], wg).astype(F32)
         bv_smem[...] = (vv * bb).astype(dtype)
         plgpu.commit_smem()
@@ -154,7 +167,7 @@ def _fwd_mosaic(q, k, v, decay, h0, *, T, C, BV=64, steps=2, interpret=False):
         scratch_types=[smem16((Dk, BV)), smem16((C, BV)), smem16((2, C, BV)), plgpu.SMEM((Dk, BV), F32), plgpu.SMEM((C,), F32),
                        plgpu.SMEM((Dk,), F32), plgpu.Barrier(num_barriers=3)],
         grid=(B, H, Dv // BV), grid_names=("b", "h", "j"),
-        compiler_params=plgpu.CompilerParams(approx_math=False),
+        compiler_params=_compiler_params(),
         **kw,
     )(q, k, v, h0.astype(F32), lamc, lamk)
 

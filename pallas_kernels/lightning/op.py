@@ -94,8 +94,8 @@ def _pow2_at_least(n: int) -> int:
 # ``fwd_``/``bwd_`` apply to one direction only.
 GPU_FUSED = dict(block_size=64, tuning=(("fwd_BV", 64), ("fwd_num_warps", 4), ("bwd_BK", 64), ("bwd_BV", 64),
                                         ("bwd_num_warps", 4)))
-GPU_CHUNKED = dict(block_size=128, tuning=(("BK", 32), ("BV", 32), ("fwd_BV_out", 128), ("bwd_BK_par", 64),
-                                           ("bwd_BV_par", 64)))
+GPU_CHUNKED = dict(block_size=128, tuning=(("BK", 32), ("BV", 32), ("fwd_BV_out", 128), ("fwd_block_size", 64),
+                                           ("fwd_L", 32), ("bwd_BK_par", 64), ("bwd_BV_par", 64)))
 GPU_MOSAIC = dict(block_size=64, tuning=(("fwd_BV", 64), ("bwd_BK", 64), ("bwd_BV", 64), ("bwd_num_warps", 4)))
 GPU_MIN_PROGRAMS = 96  # fused when B * H * (Dv / 64) reaches this many programs (H100: 132 SMs)
 TPU_BLOCK = 256
@@ -120,6 +120,12 @@ def choose_kernel(backend, q_shape, dv, dtype, block_size=None, interpret=False,
         raise ValueError(f"lightning_attention: backend 'pallas_gpu' needs a power-of-two block_size; got {C}")
     C = max(16, min(C, _pow2_at_least(T)))
     tun = dict(defaults["tuning"]) if tuning is None else dict(tuning)
+    if block_size is not None and tuning is None:  # an explicit chunk applies to both directions
+        tun.pop("fwd_block_size", None)
+        tun.pop("bwd_block_size", None)
+    for key in ("fwd_block_size", "bwd_block_size"):
+        if key in tun:
+            tun[key] = max(16, min(int(tun[key]), _pow2_at_least(T)))
     return KernelConfig(impl, int(C), bool(interpret), tuple(sorted(tun.items())))
 
 

@@ -66,6 +66,10 @@ def _make_op(cfg: KernelConfig, T: int):
     kw = dict(T=T, C=cfg.block_size, interpret=cfg.interpret)
     fkw = {**kw, **_split_tuning(cfg.tuning, "fwd_")}
     bkw = {**kw, **_split_tuning(cfg.tuning, "bwd_")}
+    # ``fwd_block_size`` / ``bwd_block_size``: a chunk for one direction only (inputs are padded to a
+    # multiple of both; both are powers of two on GPU).
+    fkw["C"] = fkw.pop("block_size", fkw["C"])
+    bkw["C"] = bkw.pop("block_size", bkw["C"])
 
     @jax.custom_vjp
     def op(q, k, v, decay, h0):
@@ -89,7 +93,7 @@ def lightning_pallas(q, k, v, decay, initial_state, cfg: KernelConfig):
     """Pads T to a multiple of the chunk, runs the custom_vjp op, slices the output back."""
     B, H, T, Dk = q.shape
     Dv = v.shape[-1]
-    C = cfg.block_size
+    C = max([cfg.block_size] + [v for k, v in cfg.tuning if k in ("fwd_block_size", "bwd_block_size")])
     Tp = -(-T // C) * C
     h0 = jnp.zeros((B, H, Dk, Dv), F32) if initial_state is None else initial_state.astype(F32)
     dt = q.dtype
