@@ -52,10 +52,10 @@ def _entry(spec: P, i: int):
     return spec[i] if i < len(spec) else None
 
 
-def _check_seq(T: int, mesh, what: str):
-    cp = mesh_axis_size(CONTEXT, mesh)
-    if T % cp:
-        raise ValueError(f"{what}: sequence length {T} is not divisible by the context axis size {cp}")
+def _use_cp(T: int, mesh) -> bool:
+    """Context parallel only when the mesh has ``context > 1`` and T splits evenly over it. Other lengths
+    (decode steps, odd prompt lengths) run the single-program code, which GSPMD partitions; still exact."""
+    return context_parallel_active(mesh) and T % mesh_axis_size(CONTEXT, mesh) == 0
 
 
 # ------------------------------------------------------------------------------------- LASP-2
@@ -66,11 +66,10 @@ def lightning_attention(q, k, v, decay, *, initial_state=None, block_size=None, 
     (T sharded over ``context``), decay ``[H]``; returns ``(o, final_state)``."""
     mesh = current_mesh() if mesh is None else mesh
     kernel = functools.partial(pallas_kernels.lightning_attention, block_size=block_size, backend=backend)
-    if not context_parallel_active(mesh):
-        return kernel(q, k, v, decay, initial_state=initial_state, segment_ids=segment_ids)
     B, H, T, Dk = q.shape
     Dv = v.shape[-1]
-    _check_seq(T, mesh, "lightning_attention (LASP-2)")
+    if not _use_cp(T, mesh):
+        return kernel(q, k, v, decay, initial_state=initial_state, segment_ids=segment_ids)
     qspec = logical_to_mesh_spec(("activation_batch", "activation_heads", None, None), q.shape, mesh)
     bax, hax = _entry(qspec, 0), _entry(qspec, 1)
     x_spec = P(bax, hax, CONTEXT, None)
@@ -148,13 +147,12 @@ def causal_attention(q, k, v, *, segment_ids=None, mesh=None, attention_fn=None)
 
     ``attention_fn(q, k, v, segment_ids)`` is the single-device fallback (no context axis)."""
     mesh = current_mesh() if mesh is None else mesh
-    if not context_parallel_active(mesh):
-        if attention_fn is None:
-            raise ValueError("causal_attention: no context-parallel mesh and no attention_fn fallback")
-        return attention_fn(q, k, v, segment_ids)
     B, T, N, D = q.shape
-    K = k.shape[2]
-    _check_seq(T, mesh, "causal_attention (context parallel)")
+    if not _use_cp(T, mesh):
+        if attention_fn is None:
+            raise ValueError("causal_attention: no context-parallel mesh (or T not divisible by it) and no "
+                             "attention_fn fallback")
+        return attention_fn(q, k, v, segment_ids)
     qspec = logical_to_mesh_spec(("activation_batch", None, "activation_heads", None), q.shape, mesh)
     kspec = logical_to_mesh_spec(("activation_batch", None, "activation_kv_heads", None), k.shape, mesh)
     bax = _entry(qspec, 0)

@@ -62,8 +62,7 @@ class SoftmaxAttention(nnx.Module):
 
     def __call__(self, x: jax.Array, positions: jax.Array, *, segment_ids=None) -> jax.Array:
         q, k, v = self.project_qkv(x, positions)
-        if context_parallel.context_parallel_active():  # sequence sharded over "context": all-gather K/V
-            o = context_parallel.causal_attention(q, k, v, segment_ids=segment_ids)
-        else:
-            o = causal_attention(q, k, v, segment_ids=segment_ids)
+        # sequence sharded over "context" (mesh from jax.set_mesh): all-gather K/V; else the plain kernel
+        o = context_parallel.causal_attention(q, k, v, segment_ids=segment_ids,
+                                              attention_fn=lambda q, k, v, s: causal_attention(q, k, v, segment_ids=s))
         return self.output(o)
