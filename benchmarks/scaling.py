@@ -83,7 +83,7 @@ def main() -> None:
     emit({"info": info})
 
     def build(n, mesh_str, impl, cf):
-        cfg = ModelConfig.preset(args.preset, moe_impl=impl, moe_capacity_factor=cf, remat=args.remat, **overrides)
+        cfg = ModelConfig.preset(args.preset, moe_impl=impl, moe_capacity_factor=cf, remat=state["remat"], **overrides)
         mesh = make_mesh(MeshConfig.from_string(mesh_str), devices=devices[:n])
         cp = mesh.shape["context"]
         B = args.batch_per_device * n // cp
@@ -129,7 +129,10 @@ def main() -> None:
         return cfg, mesh, params, opt_state, train, ids, B, T, loss_fn, p_sh, b_sh
 
     results = []
-    for spec in args.configs:
+    state = {"remat": args.remat}
+    queue = list(args.configs)
+    while queue:
+        spec = queue.pop(0)
         if time.time() - t_start > args.time_budget:
             emit({"config": spec, "skipped": "time budget"})
             continue
@@ -157,7 +160,7 @@ def main() -> None:
                 mem = round(stats.get("peak_bytes_in_use", 0) / 2**30, 2)
             except Exception:
                 pass
-            rec = {"config": spec, "n": n, "mesh": dict(mesh.shape), "moe_impl": impl, "batch": B, "seq": T,
+            rec = {"config": spec, "remat": state["remat"], "n": n, "mesh": dict(mesh.shape), "moe_impl": impl, "batch": B, "seq": T,
                    "step_s": round(dt, 4), "compile_s": round(compile_s, 1), "tokens_per_s": round(tokens / dt, 1),
                    "tokens_per_s_per_device": round(tokens / dt / n, 1), "loss": float(m["loss"]),
                    "dropped_fraction": float(m["dropped"]), "peak_gib_dev0_so_far": mem}
@@ -168,8 +171,14 @@ def main() -> None:
             gc.collect()
             jax.clear_caches()
         except Exception as e:  # keep going: one failing config must not lose the others
-            emit({"config": spec, "error": f"{type(e).__name__}: {str(e)[:1500]}"})
+            msg = f"{type(e).__name__}: {str(e)[:1500]}"
+            emit({"config": spec, "remat": state["remat"], "error": msg})
             traceback.print_exc()
+            if ("RESOURCE_EXHAUSTED" in msg or "out of memory" in msg.lower()) and state["remat"] != "full" \
+                    and not results:
+                state["remat"] = "full"  # the first config did not fit: all configs with full remat
+                emit({"note": "switching to remat=full for all configurations"})
+                queue.insert(0, spec)
 
     for spec in args.check_ragged:
         if time.time() - t_start > args.time_budget:
@@ -197,7 +206,7 @@ def main() -> None:
     print()
     print(f"{info['device']} x{info['num_devices']}, jax {info['jax']}, preset {args.preset}, "
           f"{args.batch_per_device} x {args.seq} tokens per device, {args.moe_impl} (capacity factor "
-          f"{args.capacity_factor}), AdamW, {info['date']}")
+          f"{args.capacity_factor}), remat {state['remat']}, AdamW, {info['date']}")
     print()
     print("| GPUs | mesh | batch x seq | step (s) | tokens/s | tokens/s/GPU | scaling eff. | dropped | compile (s) |")
     print("|---|---|---|---|---|---|---|---|---|")
