@@ -187,3 +187,18 @@ def test_two_process_training_matches_single_process(tmp_path):
     assert keys and set(keys) == set(b.files) - {"losses"}
     for k in keys:
         assert np.max(np.abs(a[k] - b[k])) <= 1e-5 * max(np.max(np.abs(a[k])), 1e-6), k
+
+
+def test_m1_80k_parameters_are_fully_sharded():
+    """Every axis but ``data`` shards parameters: on 256 devices each holds ~1/256 of the 456B (the
+    MaxText-style "sufficiently sharded" check, from shapes only)."""
+    from m1_jax import ModelConfig
+    from sharding.memory import param_shards
+
+    cfg = ModelConfig.preset("m1-80k")
+    for mesh in ("fsdp=8,expert=8,tensor=4", "fsdp=4,expert=8,context=2,tensor=4", "data=2,fsdp=4,expert=8,tensor=4"):
+        sizes = MeshConfig.from_string(mesh).resolve(256)
+        per_dev, total = param_shards(cfg, sizes)
+        assert 456e9 < total < 457e9
+        sharding_ways = 256 // sizes["data"]
+        assert per_dev <= 1.02 * total / sharding_ways, (mesh, per_dev, total / sharding_ways)
