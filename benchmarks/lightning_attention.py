@@ -402,7 +402,7 @@ def main():
         with open(os.path.join(args.out, "lightning_tune.json"), "w") as f:
             json.dump(dict(meta=meta, results=res), f, indent=1)
     if args.mode in ("all", "bench"):
-        rows = bench(impls if args.impls != "all" or args.mode == "bench" else impls, shapes, args.out, with_fla=not args.no_fla, with_cudnn=not args.no_cudnn)
+        rows = bench(impls, shapes, args.out, with_fla=not args.no_fla, with_cudnn=not args.no_cudnn)
         print(table(rows))
         with open(os.path.join(args.out, "lightning_attention.json"), "w") as f:
             json.dump(dict(meta=meta, rows=rows), f, indent=1)

@@ -62,8 +62,7 @@ def _kernel(q_ref, k_ref, v_ref, h0_ref, lamc_ref, lamk_ref, o_ref, ht_ref,
     bi, hi, ji = lax.axis_index("b"), lax.axis_index("h"), lax.axis_index("j")
     vs = pl.ds(ji * BV, BV)
     wg = plgpu.Layout.WGMMA
-    # The CPU interpreter has no layouts: casts are identities there.
-    cast = (lambda x, layout: x) if interp else plgpu.layout_cast
+    # The CPU interpreter has no layouts: plain iotas and loads there.
     iota = ((lambda dt, shape, dim, layout: lax.broadcasted_iota(dt, shape, dim)) if interp
             else (lambda dt, shape, dim, layout: plgpu.broadcasted_iota(dt, shape, dim, layout=layout)))
     plgpu.copy_gmem_to_smem(h0_ref.at[bi, hi, :, vs], st_smem, bars.at[0])
@@ -71,7 +70,8 @@ def _kernel(q_ref, k_ref, v_ref, h0_ref, lamc_ref, lamk_ref, o_ref, ht_ref,
     plgpu.copy_gmem_to_smem(lamk_ref.at[hi], lk_smem, bars.at[2])
     for i in range(3):
         plgpu.barrier_wait(bars.at[i])
-    S0 = cast(st_smem[...], wg)
+    load2d = (lambda ref: ref[...]) if interp else (lambda ref: plgpu.load(ref, (), layout=wg))
+    S0 = load2d(st_smem)
     load1d = (lambda ref: ref[...]) if interp else (lambda ref: plgpu.load(ref, (), layout=wg.reduce(1)))
     lamc = load1d(lc_smem)  # [C], every entry = lambda
     lamk = load1d(lk_smem)  # [Dk]
@@ -121,11 +121,11 @@ def _kernel(q_ref, k_ref, v_ref, h0_ref, lamc_ref, lamk_ref, o_ref, ht_ref,
         plgpu.commit_smem()
         plgpu.copy_smem_to_gmem(o_smem2.at[slot], o_ref.at[bi, hi, pl.ds(n * C, C), vs])
 
-        # Full-shape predicates: select_n has no implicit broadcast in every lowering mode.
-        last = n == N - 1
-        bb = jnp.where(jnp.broadcast_to(last, (C, BV)), b_last, b_full)
-        gg = jnp.where(jnp.broadcast_to(last, (Dk, BV)), g_last, g_full)
-        vv = cast(v_smem[...], wg).astype(F32)
+        # The last chunk may be short: blend its decays in arithmetically (no select on a scalar).
+        lastf = (n == N - 1).astype(F32)
+        bb = b_full + lastf * (b_last - b_full)
+        gg = g_full + lastf * (g_last - g_full)
+        vv = load2d(v_smem).astype(F32)
         bv_smem[...] = (vv * bb).astype(dtype)
         plgpu.commit_smem()
 
@@ -154,6 +154,8 @@ def _fwd_mosaic(q, k, v, decay, h0, *, T, C, BV=64, steps=2, interpret=False):
     tiling = plgpu.TilingTransform((8, 64))
     swizzle = plgpu.SwizzleTransform(128)
     smem16 = lambda shape: plgpu.SMEM(shape, dtype, transforms=(tiling, swizzle))
+    # float32 state buffer: 128-byte swizzled rows of 32 floats (TMA in/out, WGMMA-layout loads/stores).
+    smem32 = plgpu.SMEM((Dk, BV), F32, transforms=(plgpu.TilingTransform((8, 32)), swizzle))
     lamc = jnp.broadcast_to(decay.astype(F32)[:, None], (H, C))
     lamk = jnp.broadcast_to(decay.astype(F32)[:, None], (H, Dk))
     kern = functools.partial(_kernel, T=T, C=C, N=N, BV=BV, Dk=Dk, steps=max(1, min(steps, N)), dtype=dtype,
@@ -164,7 +166,7 @@ def _fwd_mosaic(q, k, v, decay, h0, *, T, C, BV=64, steps=2, interpret=False):
     return plgpu.kernel(
         kern,
         out_type=(jax.ShapeDtypeStruct((B, H, Tp, Dv), dtype), jax.ShapeDtypeStruct((B, H, Dk, Dv), F32)),
-        scratch_types=[smem16((Dk, BV)), smem16((C, BV)), smem16((2, C, BV)), plgpu.SMEM((Dk, BV), F32), plgpu.SMEM((C,), F32),
+        scratch_types=[smem16((Dk, BV)), smem16((C, BV)), smem16((2, C, BV)), smem32, plgpu.SMEM((C,), F32),
                        plgpu.SMEM((Dk,), F32), plgpu.Barrier(num_barriers=3)],
         grid=(B, H, Dv // BV), grid_names=("b", "h", "j"),
         compiler_params=_compiler_params(),
