@@ -89,8 +89,13 @@ def _make_op(cfg: KernelConfig, T: int):
     return op
 
 
+def _pow2_at_least(n: int) -> int:
+    return 1 << max(0, (int(n) - 1).bit_length())
+
+
 def lightning_pallas(q, k, v, decay, initial_state, cfg: KernelConfig):
-    """Pads T to a multiple of the chunk, runs the custom_vjp op, slices the output back."""
+    """Pads T to a multiple of the chunk (and, for the GPU kernels, head dims to a power of two >= 16,
+    with zeros, which changes nothing), runs the custom_vjp op, slices the outputs back."""
     B, H, T, Dk = q.shape
     Dv = v.shape[-1]
     C = max([cfg.block_size] + [v for k, v in cfg.tuning if k in ("fwd_block_size", "bwd_block_size")])
@@ -98,5 +103,12 @@ def lightning_pallas(q, k, v, decay, initial_state, cfg: KernelConfig):
     h0 = jnp.zeros((B, H, Dk, Dv), F32) if initial_state is None else initial_state.astype(F32)
     dt = q.dtype
     qp, kp, vp = (cm.pad_time(x.astype(dt), Tp) for x in (q, k, v))
+    Dkp, Dvp = Dk, Dv
+    if cfg.impl != "tpu":  # Triton blocks must be powers of two; the tiles must divide the head dims
+        Dkp, Dvp = max(16, _pow2_at_least(Dk)), max(16, _pow2_at_least(Dv))
+    if (Dkp, Dvp) != (Dk, Dv):
+        padd = lambda x, d: jnp.pad(x, ((0, 0),) * (x.ndim - 1) + ((0, d - x.shape[-1]),))
+        qp, kp, vp = padd(qp, Dkp), padd(kp, Dkp), padd(vp, Dvp)
+        h0 = jnp.pad(h0, ((0, 0), (0, 0), (0, Dkp - Dk), (0, Dvp - Dv)))
     o, ht = _make_op(cfg, T)(qp, kp, vp, decay.astype(F32), h0)
-    return o[:, :, :T], ht
+    return o[:, :, :T, :Dv], ht[:, :, :Dk, :Dv]

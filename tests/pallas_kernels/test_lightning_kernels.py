@@ -135,3 +135,10 @@ def test_chunked_forward_with_split_state_pass(T, block, fwd_block):
                           block_size=block, interpret=True, tuning=tuning)
     got = jax.jit(lambda x: value_and_grads(f, x))(x)
     assert_close(got, reference_f32(x), TOL[jnp.float32])
+
+
+def test_gpu_kernels_pad_odd_head_dims():
+    """Head dims that are not powers of two (Dk=24, Dv=40) are zero-padded for the GPU kernels."""
+    x = make(1, 2, 2 * C + 1, 24, jnp.float32, seed=9, Dv=40)
+    got = jax.jit(lambda x: value_and_grads(kernel_fn("pallas_gpu", "triton_fused"), x))(x)
+    assert_close(got, reference_f32(x), TOL[jnp.float32])
