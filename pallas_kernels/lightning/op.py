@@ -56,8 +56,9 @@ def lightning_attention(q, k, v, decay, *, initial_state=None, block_size=None, 
       q, k: ``[B, H, T, Dk]``; v: ``[B, H, T, Dv]`` (bf16 or float32). No scale is applied.
       decay: ``[H]`` float32 rates lambda; the per-step factor is ``exp(-lambda)``.
       initial_state: optional ``[B, H, Dk, Dv]`` float32 state entering the sequence.
-      block_size: chunk length; it changes rounding only, never the result. Default: 256 for the
-        reference, tuned per GPU strategy (a power of two) and 256 on TPU.
+      block_size: the reference backend's chunk length (default 256); it changes rounding only, never
+        the result. The Pallas backends ignore it and use their tuned chunks (64/128 on GPU, 256 on
+        TPU; see docs/kernels.md); ``lightning_attention_kernel`` takes an explicit kernel chunk.
       backend: ``"reference"``, ``"pallas_gpu"``, ``"pallas_tpu"`` or ``"auto"`` (Pallas on GPU/TPU,
         the reference on CPU).
       interpret: run Pallas backends in interpret mode (on the CPU).
@@ -82,7 +83,9 @@ def lightning_attention(q, k, v, decay, *, initial_state=None, block_size=None, 
         # reset the state inside a sequence, so such calls fall back to the chunked jnp form.
         block_size = DEFAULT_BLOCK_SIZE if block_size is None else block_size
         return reference.lightning_attention_chunked(q, k, v, decay, initial_state, block_size, segment_ids)
-    cfg = choose_kernel(backend, q.shape, v.shape[-1], q.dtype, block_size, interpret)
+    # The Pallas backends use their tuned chunks: block_size is the reference's (results do not depend
+    # on it beyond rounding). lightning_attention_kernel(..., block_size=) forces a kernel chunk.
+    cfg = choose_kernel(backend, q.shape, v.shape[-1], q.dtype, None, interpret)
     return vjp.lightning_pallas(q, k, v, decay, initial_state, cfg)
 
 
