@@ -6,7 +6,6 @@ state, which is all a single token needs (each step reads and writes the whole f
 
 from __future__ import annotations
 
-import functools
 
 import jax
 import jax.numpy as jnp

@@ -5,7 +5,6 @@ its wgmma has no transposed operands, so the two transposed products run as plai
 Shapes follow the kernel's requirements: bf16, chunk 64, head dims multiples of 64.
 """
 
-import jax
 import jax.numpy as jnp
 import pytest
 
