@@ -272,10 +272,12 @@ def tune(impls, shapes):
         "triton_fused": [dict(block_size=c, tuning=dict(fwd_BV=bv, fwd_num_warps=w, bwd_BK=bv, bwd_BV=bv,
                                                            bwd_num_warps=w))
                          for c in (64, 128) for bv in (32, 64) for w in (4, 8)],
-        "triton_chunked": [dict(block_size=c, tuning=dict(BK=bk, BV=bk, fwd_BV_out=bo, bwd_BK_par=bo, bwd_BV_par=bo,
-                                                             num_warps=w))
-                           for c in (64, 128) for bk in (32, 64) for bo in (64, 128) for w in (4,)],
-        "mosaic_gpu": [dict(block_size=c) for c in (64, 128)],
+        # the shipped two-stage setting, then the segment-fused prefill forward (fwd_mode="fused")
+        "triton_chunked": [dict(block_size=128, tuning=dict(lop.GPU_CHUNKED["tuning"]))] +
+                          [dict(block_size=128, tuning={**dict(lop.GPU_CHUNKED["tuning"]), "fwd_mode": "fused",
+                                                        "fwd_L": seg, "fwd_BV_fused": bvf})
+                           for seg in (8, 16, 32) for bvf in (32, 64)],
+        "mosaic_gpu": [dict(block_size=64)],
     }
     res = []
     for shp in shapes:

@@ -1,5 +1,7 @@
 """Two-stage forward with a split state pass (Triton lowering), for prefill shapes.
 
+(``mode="fused"`` is a third variant, see ``fwd_segments_fused``: not yet timed on a GPU.)
+
 The state pass of the plain two-stage forward (``gpu_triton.chunk_states``) walks all N chunks in
 sequence, which is the critical path when batch x heads is small. Here the chunks are cut into P
 segments of L chunks, walked in parallel from a zero state:
@@ -37,6 +39,85 @@ def pick_segment(N, target):
     return 1
 
 
+def _join(M, decay, h0, *, T, C, L):
+    """Segment entering states ``Z [B, H, P, Dk, Dv]`` and the final state from the segments' local
+    final states ``M`` (float32, exponents clamped before exp)."""
+    P = M.shape[2]
+    lam = decay.astype(F32)
+    pidx = jnp.arange(P, dtype=F32)
+    diff = pidx[:, None] - 1.0 - pidx[None, :]  # p - 1 - j
+    W = jnp.exp(jnp.where(diff[None] >= 0, -lam[:, None, None] * (L * C) * jnp.maximum(diff, 0.0)[None], -jnp.inf))
+    Z = jnp.einsum("hpj,bhjkv->bhpkv", W, M, precision=lax.Precision.HIGHEST)
+    Z = Z + jnp.exp(-lam[:, None] * (L * C) * pidx[None])[None, :, :, None, None] * h0[:, :, None]
+    last_rows = float(T - (P - 1) * L * C)
+    ht = jnp.exp(-lam * last_rows)[None, :, None, None] * Z[:, :, -1] + M[:, :, -1]
+    return Z, ht
+
+
+def _memory_kernel(lam_ref, k_ref, v_ref, m_ref, *, T, C, L, prec):
+    """A segment's local final state (from zero), no per-chunk writes."""
+    lam = lam_ref[0]
+    p = pl.program_id(4)
+    row, _ = cm.iota_row_col(C)
+
+    def body(j, S):
+        b, g = cm.state_decay(lam, row, cm.real_rows(p * L + j, C, T))
+        sl = gt._chunk(j, C)
+        return cm.state_update(k_ref[sl, :], v_ref[sl, :], S, b, g, prec)
+
+    m_ref[...] = lax.fori_loop(0, L, body, jnp.zeros(m_ref.shape, F32))
+
+
+def _seg_fused_kernel(lam_ref, q_ref, k_ref, v_ref, z_ref, o_ref, *, T, C, L, prec):
+    """The fused sequential forward over one segment, starting from its entering state."""
+    lam = lam_ref[0]
+    p = pl.program_id(3)
+    row, col = cm.iota_row_col(C)
+    D, a = cm.intra_decay(lam, row, col)
+
+    def body(j, S):
+        sl = gt._chunk(j, C)
+        q, k, v = q_ref[sl, :], k_ref[sl, :], v_ref[sl, :]
+        o_ref[sl, :] = cm.fwd_out(q, k, v, S, D, a, prec).astype(o_ref.dtype)
+        b, g = cm.state_decay(lam, row, cm.real_rows(p * L + j, C, T))
+        return cm.state_update(k, v, S, b, g, prec)
+
+    lax.fori_loop(0, L, body, z_ref[...])
+
+
+def fwd_segments_fused(q, k, v, decay, h0, *, T, C, L, BK=32, BV=32, BV_fused=64, num_warps=4, num_stages=2,
+                       interpret=False):
+    """Three phases without per-chunk states in memory: segment memories (parallel over segments),
+    the XLA join, then the fused sequential forward per (segment, value tile) from its entering state."""
+    B, H, Tp, Dk = q.shape
+    Dv = v.shape[-1]
+    N = Tp // C
+    P = N // L
+    BK, BV, BVf = min(BK, Dk), min(BV, Dv), min(BV_fused, Dv)
+    prec = cm.precision_for(q.dtype)
+    kw = dict(compiler_params=gt._params(num_warps, num_stages), interpret=interpret)
+    lam5 = pl.BlockSpec((1,), lambda b, h, i, jv, p: (h,))
+    ks = pl.BlockSpec((None, None, L * C, BK), lambda b, h, i, jv, p: (b, h, p, i))
+    vs = pl.BlockSpec((None, None, L * C, BV), lambda b, h, i, jv, p: (b, h, p, jv))
+    ms = pl.BlockSpec((None, None, None, BK, BV), lambda b, h, i, jv, p: (b, h, p, i, jv))
+    M = pl.pallas_call(
+        functools.partial(_memory_kernel, T=T, C=C, L=L, prec=prec),
+        out_shape=jax.ShapeDtypeStruct((B, H, P, Dk, Dv), F32),
+        grid=(B, H, Dk // BK, Dv // BV, P), in_specs=[lam5, ks, vs], out_specs=ms,
+        name="lightning_split_memories", **kw)(decay, k, v)
+    Z, ht = _join(M, decay, h0, T=T, C=C, L=L)
+    lam4 = pl.BlockSpec((1,), lambda b, h, jv, p: (h,))
+    qs = pl.BlockSpec((None, None, L * C, Dk), lambda b, h, jv, p: (b, h, p, 0))
+    vt = pl.BlockSpec((None, None, L * C, BVf), lambda b, h, jv, p: (b, h, p, jv))
+    zs = pl.BlockSpec((None, None, None, Dk, BVf), lambda b, h, jv, p: (b, h, p, 0, jv))
+    o = pl.pallas_call(
+        functools.partial(_seg_fused_kernel, T=T, C=C, L=L, prec=prec),
+        out_shape=jax.ShapeDtypeStruct((B, H, Tp, Dv), q.dtype),
+        grid=(B, H, Dv // BVf, P), in_specs=[lam4, qs, qs, vt, zs], out_specs=vt,
+        name="lightning_split_fused", **kw)(decay, q, k, v, Z)
+    return o, ht
+
+
 def _local_states_kernel(lam_ref, k_ref, v_ref, s_ref, m_ref, *, T, C, L, prec):
     lam = lam_ref[0]
     p = pl.program_id(4)
@@ -62,7 +143,9 @@ def _out_split_kernel(lam_ref, q_ref, k_ref, v_ref, s_ref, z_ref, o_ref, *, C, L
 
 
 def fwd(q, k, v, decay, h0, *, T, C, L=16, BK=32, BV=32, BV_out=128, num_warps=4, num_stages=2,
-        interpret=False):
+        mode="states", BV_fused=64, interpret=False):
+    """``mode="states"``: per-chunk states through memory, then the parallel output kernel (measured,
+    the default). ``mode="fused"``: ``fwd_segments_fused`` (no per-chunk states in memory)."""
     B, H, Tp, Dk = q.shape
     Dv = v.shape[-1]
     N = Tp // C
@@ -70,6 +153,9 @@ def fwd(q, k, v, decay, h0, *, T, C, L=16, BK=32, BV=32, BV_out=128, num_warps=4
     if L * 4 < min(16, N) or N // L < 2:  # no useful split: plain two-stage forward
         return gt.fwd_chunked(q, k, v, decay, h0, T=T, C=C, BK=BK, BV=BV, BV_out=BV_out, num_warps=num_warps,
                               num_stages=num_stages, interpret=interpret)
+    if mode == "fused":
+        return fwd_segments_fused(q, k, v, decay, h0, T=T, C=C, L=L, BK=BK, BV=BV, BV_fused=BV_fused,
+                                  num_warps=num_warps, num_stages=num_stages, interpret=interpret)
     P = N // L
     BK, BV, BVo = min(BK, Dk), min(BV, Dv), min(BV_out, Dv)
     prec = cm.precision_for(q.dtype)
@@ -85,16 +171,7 @@ def fwd(q, k, v, decay, h0, *, T, C, L=16, BK=32, BV=32, BV_out=128, num_warps=4
         grid=(B, H, Dk // BK, Dv // BV, P), in_specs=[lam5, ks, vs], out_specs=(ss, ms),
         name="lightning_split_local_states", **kw)(decay, k, v)
 
-    # Segment entering states Z_p and the final state (float32, exponents clamped before exp).
-    lam = decay.astype(F32)
-    pidx = jnp.arange(P, dtype=F32)
-    diff = pidx[:, None] - 1.0 - pidx[None, :]  # p - 1 - j
-    W = jnp.exp(jnp.where(diff[None] >= 0, -lam[:, None, None] * (L * C) * jnp.maximum(diff, 0.0)[None], -jnp.inf))
-    hp = lax.Precision.HIGHEST
-    Z = jnp.einsum("hpj,bhjkv->bhpkv", W, M, precision=hp)
-    Z = Z + jnp.exp(-lam[:, None] * (L * C) * pidx[None])[None, :, :, None, None] * h0[:, :, None]
-    last_rows = float(T - (P - 1) * L * C)
-    ht = jnp.exp(-lam * last_rows)[None, :, None, None] * Z[:, :, -1] + M[:, :, -1]
+    Z, ht = _join(M, decay, h0, T=T, C=C, L=L)
 
     lam4 = gt._lam_spec(4)
     qs = pl.BlockSpec((None, None, C, Dk), lambda b, h, n, jv: (b, h, n, 0))

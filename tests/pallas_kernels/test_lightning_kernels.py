@@ -125,12 +125,13 @@ def test_public_op_pallas_backends_in_interpret_mode():
         assert_close([o.astype(jnp.float32), ht], want, 2e-2, names=("o", "final_state"))
 
 
-@pytest.mark.parametrize("T,block,fwd_block", [(5 * C, C, C), (6 * C - 3, C, C), (6 * C - 3, 2 * C, C)])
-def test_chunked_forward_with_split_state_pass(T, block, fwd_block):
+@pytest.mark.parametrize("T,block,fwd_block,mode", [(5 * C, C, C, "states"), (6 * C - 3, C, C, "states"),
+                                                    (6 * C - 3, 2 * C, C, "states"), (6 * C - 3, C, C, "fused")])
+def test_chunked_forward_with_split_state_pass(T, block, fwd_block, mode):
     """Segments of 2 chunks walked in parallel, joined in XLA (the prefill forward); also a forward
-    chunk different from the backward's."""
+    chunk different from the backward's, and the segment-fused variant."""
     x = make(1, 2, T, 16, jnp.float32, seed=11)
-    tuning = dict(BK=16, BV=16, fwd_BV_out=16, fwd_L=2, fwd_block_size=fwd_block)
+    tuning = dict(BK=16, BV=16, fwd_BV_out=16, fwd_L=2, fwd_block_size=fwd_block, fwd_mode=mode, fwd_BV_fused=16)
     f = functools.partial(lop.lightning_attention_kernel, backend="pallas_gpu", impl="triton_chunked",
                           block_size=block, interpret=True, tuning=tuning)
     got = jax.jit(lambda x: value_and_grads(f, x))(x)
