@@ -12,6 +12,10 @@ from flax import nnx
 from m1_jax.config import ModelConfig
 from m1_jax.model.layers import as_dtype, param, rms_normalize
 from sharding import context_parallel
+from sharding.rules import constrain
+
+_BHTD = ("activation_batch", "activation_heads", "activation_length", None)
+_BTHD = ("activation_batch", "activation_length", "activation_heads", None)
 
 
 def alibi_slopes(num_heads: int) -> np.ndarray:
@@ -71,12 +75,12 @@ class LightningAttention(nnx.Module):
         qkv = jax.nn.silu(qkv.astype(jnp.float32)).astype(dt)
         if token_mask is not None:
             qkv = qkv * token_mask.astype(dt)[:, :, None, None, None]
-        q, k, v = (jnp.swapaxes(qkv[:, :, :, i], 1, 2) for i in range(3))  # [B, N, T, D]
+        q, k, v = (constrain(jnp.swapaxes(qkv[:, :, :, i], 1, 2), _BHTD) for i in range(3))  # [B, N, T, D]
         # pallas_kernels.lightning_attention, run as LASP-2 when the mesh has a context axis > 1
         o, state = context_parallel.lightning_attention(
             q, k, v, lightning_decay(c, layer_idx), initial_state=initial_state,
             block_size=c.block_size, backend=c.lightning_backend, segment_ids=segment_ids)
-        o = jnp.swapaxes(o, 1, 2)  # [B, T, N, D]
+        o = constrain(jnp.swapaxes(o, 1, 2), _BTHD)  # [B, T, N, D]
         o = rms_normalize(o, c.lightning_norm_eps, axes=(-2, -1)) * self.norm.value.astype(dt)
         gate = jnp.einsum("bth,hnd->btnd", x, self.output_gate.value.astype(dt))
         o = jax.nn.sigmoid(gate.astype(jnp.float32)).astype(dt) * o

@@ -10,6 +10,10 @@ from m1_jax.config import ModelConfig
 from m1_jax.model.layers import as_dtype, param
 from m1_jax.model.rope import apply_rope, rope_cos_sin
 from sharding import context_parallel
+from sharding.rules import constrain
+
+_Q = ("activation_batch", "activation_length", "activation_heads", None)
+_KV = ("activation_batch", "activation_length", "activation_kv_heads", None)
 
 
 def _cudnn_suits(q) -> bool:
@@ -62,7 +66,8 @@ class SoftmaxAttention(nnx.Module):
 
     def __call__(self, x: jax.Array, positions: jax.Array, *, segment_ids=None) -> jax.Array:
         q, k, v = self.project_qkv(x, positions)
+        q, k, v = constrain(q, _Q), constrain(k, _KV), constrain(v, _KV)
         # sequence sharded over "context" (mesh from jax.set_mesh): all-gather K/V; else the plain kernel
         o = context_parallel.causal_attention(q, k, v, segment_ids=segment_ids,
                                               attention_fn=lambda q, k, v, s: causal_attention(q, k, v, segment_ids=s))
-        return self.output(o)
+        return self.output(constrain(o, _Q))
