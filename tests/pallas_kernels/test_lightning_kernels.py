@@ -66,9 +66,8 @@ def assert_close(got, want, tol, names=("o", "final_state", "dq", "dk", "dv", "d
 
 @pytest.mark.parametrize("backend,impl", IMPLS, ids=IDS)
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
-@pytest.mark.parametrize("T,random_states", [(1, True), (C - 1, True), (C, False), (3 * C + 5, False),
-                                             (3 * C + 5, True)],
-                         ids=["T=1", "T=C-1", "T=C,zero-states", "T=3C+5,zero-states", "T=3C+5"])
+@pytest.mark.parametrize("T,random_states", [(1, True), (C - 1, True), (C, False), (3 * C + 5, True)],
+                         ids=["T=1", "T=C-1", "T=C,zero-states", "T=3C+5"])
 def test_matches_recurrence_and_reference_vjp(backend, impl, dtype, T, random_states):
     x = make(2, 3, T, 16, dtype, seed=T + 7 * random_states, h0=random_states, dht=random_states)
     got = jax.jit(lambda x: value_and_grads(kernel_fn(backend, impl), x))(x)
