@@ -66,6 +66,38 @@ def head_only(cfg: ModelConfig, tokens: int, head_dtype: str, steps: int) -> flo
     return (time.perf_counter() - t0) / steps
 
 
+def components(preset: str, batch: int, seq: int, steps: int) -> dict:
+    """Seconds of one layer's forward + backward, per kind, at ``batch x seq`` tokens (where a step goes)."""
+    from flax import nnx
+
+    from m1_jax.model import LightningAttention, MoE, SoftmaxAttention
+
+    cfg = ModelConfig.preset(preset)
+    dt = jnp.dtype(cfg.dtype)
+    x = (jax.random.normal(jax.random.key(0), (batch, seq, cfg.hidden_size), jnp.float32)).astype(dt)
+    pos = jnp.broadcast_to(jnp.arange(seq, dtype=jnp.int32), (batch, seq))
+    out = {}
+    for name, make, call in (
+        ("moe", lambda: MoE(cfg, rngs=nnx.Rngs(0)), lambda m, x: m(x)[0]),
+        ("lightning", lambda: LightningAttention(cfg, rngs=nnx.Rngs(0)), lambda m, x: m(x, 0)),
+        ("softmax", lambda: SoftmaxAttention(cfg, rngs=nnx.Rngs(0)), lambda m, x: m(x, pos)),
+    ):
+        try:
+            g, st = nnx.split(make())
+            f = jax.jit(jax.grad(lambda st, x: jnp.sum(call(nnx.merge(g, st), x).astype(jnp.float32) ** 2),
+                                 argnums=(0, 1)))
+            jax.block_until_ready(f(st, x))
+            t0 = time.perf_counter()
+            for _ in range(steps):
+                r = f(st, x)
+            jax.block_until_ready(r)
+            out[name + "_layer_s"] = (time.perf_counter() - t0) / steps
+        except Exception as e:  # pragma: no cover
+            out[name + "_layer_s"] = None
+            print(f"  component {name} failed: {str(e).splitlines()[0][:200]}", flush=True)
+    return out
+
+
 def run_variant(name: str, preset: str, seq: int, steps: int, warmup: int, peak: float | None) -> dict:
     batch, remat, head_dtype, packed, moe_impl = VARIANTS[name]
     cfg = ModelConfig.preset(preset, remat=remat, moe_impl=moe_impl)
@@ -128,6 +160,8 @@ def main(argv=None) -> int:
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--peak_tflops", type=float, default=None)
     ap.add_argument("--budget_s", type=float, default=520.0, help="skip remaining variants after this long")
+    ap.add_argument("--components", action="store_true",
+                    help="after the first variant that runs, time one layer of each kind (fwd + bwd)")
     ap.add_argument("--out", default=None, help="write the rows as JSON here")
     args = ap.parse_args(argv)
     peak = args.peak_tflops or device_peak_tflops()
@@ -159,6 +193,8 @@ def main(argv=None) -> int:
             traceback.print_exc(limit=3)
             rows.append({"variant": name, "error": msg})
             continue
+        if args.components and not any("moe_layer_s" in r for r in rows):
+            row.update(components(args.preset, row["batch"], args.seq, args.steps))
         rows.append(row)
         print(json.dumps(row), flush=True)
         if args.out:
@@ -175,6 +211,15 @@ def main(argv=None) -> int:
         hs = f"{r['head_s']:.3f}" if r.get("head_s") else "-"
         print(f"{r['variant']:<18} {r['batch']:>5} {r['remat']:>13} {r['step_s']:>8.3f} {r['tokens_per_s']:>10.0f} "
               f"{r['tflops_per_device']:>8.1f} {mfu:>6} {hs:>7} {r['peak_mem_gib']:>8.1f}")
+    for r in rows:
+        if r.get("moe_layer_s"):
+            L = ModelConfig.preset(args.preset)
+            n_lin = sum(t == "linear_attention" for t in L.layer_types)
+            n_full = L.num_hidden_layers - n_lin
+            parts = {"moe": L.num_hidden_layers * r["moe_layer_s"], "lightning": n_lin * (r["lightning_layer_s"] or 0),
+                     "softmax": n_full * (r["softmax_layer_s"] or 0), "lm_head+loss": r.get("head_s") or 0}
+            print(f"\nwhere a {r['variant']} step goes (layers timed alone, fwd + bwd; step {r['step_s']:.3f} s): " +
+                  ", ".join(f"{k} {v:.3f} s" for k, v in parts.items()))
     if args.out:
         with open(args.out, "w") as f:
             json.dump({"header": header, "rows": rows}, f, indent=1)
