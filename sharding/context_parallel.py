@@ -42,12 +42,6 @@ def context_parallel_active(mesh=None) -> bool:
     return mesh is not None and mesh_axis_size(CONTEXT, mesh) > 1
 
 
-def _spec_axes(entry) -> tuple[str, ...]:
-    if entry is None:
-        return ()
-    return (entry,) if isinstance(entry, str) else tuple(entry)
-
-
 def _entry(spec: P, i: int):
     return spec[i] if i < len(spec) else None
 
