@@ -193,7 +193,7 @@ def train(run: RunConfig, *, verbose: bool = True) -> RunResult:
                 f"The last good checkpoint ({last_saved if last_saved is not None else 'none'}) is intact in "
                 f"{ckpt.directory}. Lower OptimizerConfig.learning_rate or check the data.")
         if (step + 1) % tc.log_every == 0 or step == start or step + 1 == end:
-            log.log(step + 1, m)
+            log.log(step + 1, m, timing=step != start)  # the first step's window includes compilation
             if step == start:
                 log.reset_timer(step + 1)
 

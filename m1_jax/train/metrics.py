@@ -76,12 +76,14 @@ class MetricsLogger:
         self._t = time.perf_counter()
         self._last_step = step
 
-    def log(self, step: int, values: dict[str, Any]) -> dict[str, float]:
+    def log(self, step: int, values: dict[str, Any], *, timing: bool = True) -> dict[str, float]:
+        """Record ``values`` at ``step``; ``timing=False`` leaves out throughput (e.g. a window that
+        includes compilation)."""
         now = time.perf_counter()
         steps = step - self._last_step
         dt = now - self._t
         out = {k: float(v) for k, v in values.items()}
-        if steps > 0 and dt > 0:
+        if timing and steps > 0 and dt > 0:
             sps = steps / dt
             out["perf/steps_per_s"] = sps
             out["perf/tokens_per_s"] = sps * self.tokens_per_step

@@ -54,7 +54,7 @@ def test_resume_is_exact_and_checkpoint_holds_everything(tmp_path):
         assert (ckdir / "8" / item).is_dir()
     lines = [json.loads(l) for l in open(tmp_path / "part" / "metrics.jsonl")]
     keys = set(lines[-1])
-    for k in ("loss", "aux_loss", "grad_norm", "lr", "moe/max_load", "perf/tokens_per_s",
+    for k in ("loss", "aux_loss", "grad_norm", "lr", "moe/max_load", "perf/tokens_per_s", "perf/steps_per_s",
               "perf/tflops_per_device", "nonfinite_total"):
         assert k in keys, k
     # Already complete: nothing to do.
