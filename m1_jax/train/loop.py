@@ -88,6 +88,24 @@ def _saved_model_matches(saved: dict[str, Any], run: RunConfig) -> None:
                           f"{[now.get(f) for f in diff]}); use another TrainConfig.run_dir")
 
 
+_RUN_CONTROL = {"stop_after", "resume", "run_dir", "log_every", "progress_bar", "tensorboard", "sample_prompt",
+                "sample_tokens", "sample_temperature", "fault_steps", "num_threads", "prefetch_buffer_size"}
+
+
+def _config_changes(saved: dict[str, Any], run: RunConfig) -> list[str]:
+    """Fields (other than run control) whose value differs from the checkpoint's run."""
+    old = (saved.get("config") or {})
+    now = json.loads(json.dumps(as_dict(run), default=str))
+    out = []
+    for section in ("train", "data", "optimizer"):
+        for k, v in now.get(section, {}).items():
+            if k in _RUN_CONTROL or section not in old or k not in old[section]:
+                continue
+            if old[section][k] != v:
+                out.append(f"{section}.{k}: {old[section][k]!r} -> {v!r}")
+    return out
+
+
 def train(run: RunConfig, *, verbose: bool = True) -> RunResult:
     tc, dc, model_cfg = run.train, run.data, run.model
     is_main = jax.process_index() == 0
@@ -127,6 +145,10 @@ def train(run: RunConfig, *, verbose: bool = True) -> RunResult:
     if latest is not None:
         state, data_state, saved = ckpt.restore(latest, abstract_with_shardings(abs_state, shardings))
         _saved_model_matches(saved, run)
+        changes = _config_changes(saved, run)
+        if changes:
+            say("  note: resuming with a config that differs from the checkpoint's (the data order and the "
+                "schedule follow the new values): " + "; ".join(changes))
         data.set_state(data_state)
         start = int(jax.device_get(state["step"]))
         say(f"  resumed from {ckpt.directory}/{latest} (step {start})")
@@ -168,7 +190,8 @@ def train(run: RunConfig, *, verbose: bool = True) -> RunResult:
     log = MetricsLogger(tc.run_dir, total_steps=end, start_step=start,
                         flops_per_step=step_flops(model_cfg, dc.batch_size, dc.seq_len),
                         tokens_per_step=dc.batch_size * dc.seq_len, peak_tflops=peak,
-                        progress_bar=tc.progress_bar and verbose, tensorboard=tc.tensorboard, is_main=is_main)
+                        progress_bar=tc.progress_bar and verbose, tensorboard=tc.tensorboard, is_main=is_main,
+                        console=verbose)
 
     losses: dict[int, float] = {}
     status = "completed" if end == tc.steps else "stopped"

@@ -46,7 +46,7 @@ class MetricsLogger:
 
     def __init__(self, run_dir: str, *, total_steps: int, start_step: int, flops_per_step: float,
                  tokens_per_step: int, peak_tflops: float | None, progress_bar: bool = True,
-                 tensorboard: bool = True, is_main: bool = True):
+                 tensorboard: bool = True, is_main: bool = True, console: bool = True):
         self.is_main = is_main
         self.flops_per_step = flops_per_step
         self.tokens_per_step = tokens_per_step
@@ -55,6 +55,8 @@ class MetricsLogger:
         self.jsonl = None
         self.tb = None
         self.bar = None
+        self.console = console and is_main
+        self.total_steps = total_steps
         self._t = time.perf_counter()
         self._last_step = start_step
         if not is_main:
@@ -112,6 +114,11 @@ class MetricsLogger:
                 post["skipped"] = int(out["nonfinite_total"])
             self.bar.set_postfix(post, refresh=False)
             self.bar.update(step - self.bar.n)
+        elif self.console:  # no bar (e.g. logs of batch jobs): one line per logged step
+            perf = (f", {out['perf/tokens_per_s']:.0f} tok/s" if "perf/tokens_per_s" in out else "") + (
+                f", MFU {100 * out['perf/mfu']:.1f}%" if "perf/mfu" in out else "")
+            print(f"step {step}/{self.total_steps}: loss {out.get('loss', float('nan')):.4f}, lr "
+                  f"{out.get('lr', 0):.2e}, grad norm {out.get('grad_norm', float('nan')):.2f}{perf}", flush=True)
         return out
 
     def write(self, msg: str) -> None:

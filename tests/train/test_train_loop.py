@@ -63,8 +63,10 @@ def test_resume_is_exact_and_checkpoint_holds_everything(tmp_path):
 
 
 def test_nonfinite_steps_are_skipped_and_counted(tmp_path):
-    res = train(_run(tmp_path, "nf", "TrainConfig.steps = 5", "TrainConfig.fault_steps = (1, 3)"), verbose=False)
+    res = train(_run(tmp_path, "nf", "TrainConfig.steps = 5", "TrainConfig.fault_steps = (1, 3)",
+                     "TrainConfig.tensorboard = True"), verbose=False)
     assert res.status == "completed" and res.nonfinite_total == 2
+    assert any(f.startswith("events.out.tfevents") for f in os.listdir(tmp_path / "nf" / "tb"))
     assert np.isnan(res.losses[1]) and np.isnan(res.losses[3]) and np.isfinite(res.losses[4])
 
 
