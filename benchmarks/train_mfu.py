@@ -15,7 +15,6 @@ dense bf16 for H100/H200 SXM, unless --peak_tflops).
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import sys
