@@ -89,9 +89,12 @@ def test_consecutive_nonfinite_stop_keeps_last_good_checkpoint(tmp_path):
 
 
 def test_sigterm_saves_and_resume_matches_uninterrupted(tmp_path):
+    # A long schedule, so the run is surely still going when SIGTERM arrives; the resumed and the
+    # reference runs keep that schedule and stop early (stop_after) a few steps past the kill.
+    total = 5000
     run_dir = tmp_path / "killed"
     args = [sys.executable, "train.py", *[f"--gin_bindings={b}" for b in SMALL],
-            "--gin.TrainConfig.steps=40", "--gin.TrainConfig.checkpoint_every=1000",
+            f"--gin.TrainConfig.steps={total}", "--gin.TrainConfig.checkpoint_every=100000",
             f"--gin.TrainConfig.run_dir={run_dir}"]
     env = dict(os.environ, JAX_PLATFORMS="cpu")
     proc = subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -109,16 +112,16 @@ def test_sigterm_saves_and_resume_matches_uninterrupted(tmp_path):
     assert "received SIGTERM" in out
     ckdir = run_dir / "checkpoints"
     steps = sorted(int(p) for p in os.listdir(ckdir) if p.isdigit())
-    assert len(steps) == 1 and 3 <= steps[0] < 40
+    assert len(steps) == 1 and 3 <= steps[0] < total
     k = steps[0]
-    # Resume in-process to the end, and compare with an uninterrupted in-process run.
-    rest = train(load_config([], SMALL + ["TrainConfig.steps = 40", f"TrainConfig.run_dir = '{run_dir}'"]),
-                 verbose=False)
-    full = train(load_config([], SMALL + ["TrainConfig.steps = 40", f"TrainConfig.run_dir = '{tmp_path}/ref'"]),
-                 verbose=False)
-    assert sorted(rest.losses) == list(range(k, 40))
+    end = k + 5
+    # Resume in-process a few steps past the kill, and compare with an uninterrupted in-process run.
+    common = SMALL + [f"TrainConfig.steps = {total}", f"TrainConfig.stop_after = {end}"]
+    rest = train(load_config([], common + [f"TrainConfig.run_dir = '{run_dir}'"]), verbose=False)
+    full = train(load_config([], common + [f"TrainConfig.run_dir = '{tmp_path}/ref'"]), verbose=False)
+    assert sorted(rest.losses) == list(range(k, end))
     killed = {json.loads(l)["step"] - 1: json.loads(l)["loss"] for l in metrics.read_text().splitlines()[:k]}
-    for s in range(40):
+    for s in range(end):
         got = rest.losses[s] if s >= k else killed.get(s)
         if got is not None:
             assert got == full.losses[s], (s, got, full.losses[s])
