@@ -149,19 +149,20 @@ def _is_variable(x) -> bool:
     return isinstance(x, nnx.Variable)
 
 
+def _variable_spec(x, mesh, rules) -> P:
+    """The mesh spec of one Variable from its logical names (replicated when it has none)."""
+    names = variable_logical_axes(x)
+    shape = getattr(x.value, "shape", ())
+    if names is None or len(names) != len(shape):
+        return P()
+    return logical_to_mesh_spec(names, shape, mesh, rules)
+
+
 def state_specs(state, mesh=None, rules: Rules | None = None):
     """Like :func:`state_shardings` but with ``PartitionSpec`` leaves."""
 
     def one(x):
-        if _is_variable(x):
-            names = variable_logical_axes(x)
-            shape = getattr(x.value, "shape", ())
-            if names is None or len(names) != len(shape):
-                spec = P()
-            else:
-                spec = logical_to_mesh_spec(names, shape, mesh, rules)
-            return x.replace(spec)
-        return P()
+        return x.replace(_variable_spec(x, mesh, rules)) if _is_variable(x) else P()
 
     return jax.tree.map(one, state, is_leaf=_is_variable)
 
@@ -178,13 +179,7 @@ def state_shardings(state, mesh, rules: Rules | None = None):
 
     def one(x):
         if _is_variable(x):
-            names = variable_logical_axes(x)
-            shape = getattr(x.value, "shape", ())
-            if names is None or len(names) != len(shape):
-                spec = P()
-            else:
-                spec = logical_to_mesh_spec(names, shape, mesh, rules)
-            return x.replace(NamedSharding(mesh, spec))
+            return x.replace(NamedSharding(mesh, _variable_spec(x, mesh, rules)))
         return NamedSharding(mesh, P())
 
     return jax.tree.map(one, state, is_leaf=_is_variable)

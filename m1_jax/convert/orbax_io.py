@@ -285,6 +285,17 @@ class OrbaxLeafReader:
         return np.asarray((t[index] if index else t).read().result())
 
 
+def _open_checked(src: str):
+    """Metadata, config, the abstract parameter leaves (checked against the saved tree) and a leaf reader."""
+    src = os.path.abspath(src)
+    meta = read_metadata(src)
+    config = config_from_dict(meta["config"])
+    _, abstract_state = nnx.split(abstract_model(config))
+    flat = dict(nnx.to_flat_state(abstract_state))
+    _check_tree(src, meta, {leaf_name(p) for p in flat})
+    return config, meta, flat, OrbaxLeafReader(src, meta)
+
+
 def orbax_to_hf(src: str, dst: str, *, max_shard_size: int | str = "5GB", dtype: str | None = None,
                 router_dtype: str | None = None, progress: bool = False, overwrite: bool = False) -> ModelConfig:
     """Convert an Orbax checkpoint to a HF folder, one tensor at a time, without building the model.
@@ -292,14 +303,8 @@ def orbax_to_hf(src: str, dst: str, *, max_shard_size: int | str = "5GB", dtype:
     ``dtype`` defaults to the config's ``param_dtype``; ``router_dtype`` to the router dtype of the HF
     checkpoint the Orbax one came from (float32 otherwise).
     """
-    src = os.path.abspath(src)
-    meta = read_metadata(src)
-    config = config_from_dict(meta["config"])
-    _, abstract_state = nnx.split(abstract_model(config))
-    flat = dict(nnx.to_flat_state(abstract_state))
-    _check_tree(src, meta, {leaf_name(p) for p in flat})
+    config, meta, flat, reader = _open_checked(src)
     key_map = hf_key_map(config)
-    reader = OrbaxLeafReader(src, meta)
 
     def get(key: str) -> np.ndarray:
         t = key_map[key]
@@ -314,13 +319,7 @@ def orbax_to_hf(src: str, dst: str, *, max_shard_size: int | str = "5GB", dtype:
 def check_orbax(src: str) -> tuple[ModelConfig, dict]:
     """Check an Orbax checkpoint's metadata, tree and parameter shapes against its config (reads no
     weights: only the zarr metadata of each parameter)."""
-    src = os.path.abspath(src)
-    meta = read_metadata(src)
-    config = config_from_dict(meta["config"])
-    _, abstract_state = nnx.split(abstract_model(config))
-    flat = dict(nnx.to_flat_state(abstract_state))
-    _check_tree(src, meta, {leaf_name(p) for p in flat})
-    reader = OrbaxLeafReader(src, meta)
+    config, meta, flat, reader = _open_checked(src)
     for p, v in flat.items():
         reader.leaf(p, v.get_value().shape)
     return config, meta

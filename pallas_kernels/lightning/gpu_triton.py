@@ -222,23 +222,7 @@ def fwd_chunked(q, k, v, decay, h0, *, T, C, BK=64, BV=64, BV_out=64, num_warps=
     return o, ht
 
 
-def _dstates_kernel(lam_ref, q_ref, do_ref, dht_ref, ds_ref, dh0_ref, *, C, N, prec):
-    lam = lam_ref[0]
-    row, col = cm.iota_row_col(C)
-    _, a = cm.intra_decay(lam, row, col)
-    g = jnp.exp(-lam * C)
-
-    def body(it, dS):
-        n = N - 1 - it
-        sl = _chunk(n, C)
-        ds_ref[n] = dS.astype(ds_ref.dtype)
-        return cm.dstate_update(q_ref[sl, :], do_ref[sl, :], dS, a, g, prec)
-
-    # The last chunk may be short: its decay g uses its real rows. Padded rows have q = dO = 0.
-    dh0_ref[...] = lax.fori_loop(0, N, body, dht_ref[...].astype(F32))
-
-
-def _dstates_kernel_ragged(lam_ref, q_ref, do_ref, dht_ref, ds_ref, dh0_ref, *, T, C, N, prec):
+def _dstates_kernel(lam_ref, q_ref, do_ref, dht_ref, ds_ref, dh0_ref, *, T, C, N, prec):
     lam = lam_ref[0]
     row, col = cm.iota_row_col(C)
     _, a = cm.intra_decay(lam, row, col)
@@ -260,10 +244,8 @@ def chunk_dstates(q, do, decay, dht, *, T, C, BK=64, BV=64, num_warps=4, num_sta
     BK, BV = min(BK, Dk), min(BV, Dv)
     N = Tp // C
     prec = cm.precision_for(q.dtype)
-    if T == Tp:
-        kern = functools.partial(_dstates_kernel, C=C, N=N, prec=prec)
-    else:
-        kern = functools.partial(_dstates_kernel_ragged, T=T, C=C, N=N, prec=prec)
+    # The chunk decay uses each chunk's real rows (the last may be short; padded rows have q = dO = 0).
+    kern = functools.partial(_dstates_kernel, T=T, C=C, N=N, prec=prec)
     lam = pl.BlockSpec((1,), lambda b, h, i, j: (h,))
     qs = pl.BlockSpec((None, None, Tp, BK), lambda b, h, i, j: (b, h, 0, i))
     dos = pl.BlockSpec((None, None, Tp, BV), lambda b, h, i, j: (b, h, 0, j))
