@@ -1,16 +1,29 @@
-"""Lightning attention forward for Hopper (and newer) through Pallas Mosaic GPU.
+"""Lightning attention for Hopper (and newer) through Pallas Mosaic GPU: forward and backward.
 
-One warpgroup per (batch, head, value tile of BV columns) walks the sequence with
-``plgpu.emit_pipeline`` (TMA streams q, k, v chunks into swizzled SMEM, ``max_concurrent_steps``
-deep) and carries the float32 state ``S [Dk, BV]`` as a WGMMA accumulator in registers. Per chunk:
+Everything runs on one kernel, ``_walk``: one warpgroup per (batch, head, column tile of BV)
+walks the chunks of a sequence (forwards or backwards in time) with ``plgpu.emit_pipeline`` (TMA
+streams the x, y, z chunks into swizzled SMEM) and carries a float32 state ``S [Dy, BV]`` as a
+WGMMA accumulator in registers. Per chunk of C rows, with row scales ``r_out``, ``r_st`` and the
+chunk decay ``g`` (see ``common.py``)::
 
-    s  = Q K^T                  (wgmma, acc [C, C])        p = bf16(s * D)
-    o  = a * (Q S16) + p V      (wgmma from SMEM S16 = bf16(S), then wgmma with p from registers)
-    S' = g S + K^T (b * V)      (wgmma with a transposed SMEM K and the row-scaled V in SMEM)
+    forward walk:   M = D          r_out = a   r_st = b
+    reverse walk:   M = D^T        r_out = b   r_st = a     (chunks visited last to first)
+
+    P   = (X Y^T) * M                       (wgmma, acc [C, C])
+    out = r_out * (X S) + P Z               (wgmma from SMEM bf16(S), then wgmma with P from registers)
+    S'  = g S + Y^T (r_st * Z)              (wgmma into an accumulator initialised to g S)
+
+The three products that do not depend on P are issued together and waited on once.
+
+One walk is the forward (X, Y, Z = Q, K, V from h0). The backward is three walks (derivation in
+``docs/kernels.md``): dQ is a forward walk over (dO, V, K) from h0^T; dV a reverse walk over
+(K, Q, dO) from dht, whose final state is d(h0); dK a reverse walk over (V, dO, Q) from dht^T.
 
 Requirements: bf16/f16 inputs, chunk C = 64, Dk and Dv multiples of 64. Other calls (float32
-inputs, other shapes) and the backward use the Triton kernels (``gpu_triton``). Tested on the CPU
-with the Mosaic GPU interpreter where the installed JAX has one (``interpret_supported()``).
+inputs, which need full-precision products, and other shapes) use the Triton kernels
+(``gpu_triton``). Tested on the CPU in the Mosaic GPU interpreter where the installed JAX has one
+(``interpret_supported()``); the interpreter's wgmma has no transposed operands, so there the products
+run as plain dots on the SMEM values.
 """
 
 from __future__ import annotations
@@ -27,6 +40,7 @@ from pallas_kernels.lightning import gpu_triton
 
 F32 = jnp.float32
 CHUNK = 64
+LAM_PAD = 32  # the rates travel as [H, 32] float32 rows: a TMA copy moves a multiple of 128 bytes
 
 
 def _interpret_params():
@@ -42,6 +56,7 @@ def interpret_supported() -> bool:
 
 
 def _compiler_params():
+    # Lane semantics (per-thread register arrays) is the mode whose lowering broadcasts scalars.
     sem = getattr(getattr(plgpu, "LoweringSemantics", None), "Lane", None)
     try:
         return plgpu.CompilerParams(approx_math=False, lowering_semantics=sem) if sem is not None else \
@@ -50,136 +65,269 @@ def _compiler_params():
         return plgpu.CompilerParams(approx_math=False)
 
 
-def supported(q, v, C) -> bool:
+def supported(q, v, C, interpret=False) -> bool:
+    """bf16/f16, chunk 64, head dims multiples of 64. In the interpreter float32 runs the kernel too
+    (its products are exact there, which lets the tests check the kernel at float32 tolerances);
+    compiled, float32 goes to the Triton kernels, since wgmma would round it to tf32."""
     Dk, Dv = q.shape[-1], v.shape[-1]
-    return (jnp.dtype(q.dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)) and C == CHUNK
-            and Dk % 64 == 0 and Dv % 64 == 0)
+    dtypes = (jnp.bfloat16, jnp.float16) + ((jnp.float32,) if interpret else ())
+    if interpret and not interpret_supported():
+        return False
+    return (jnp.dtype(q.dtype) in tuple(map(jnp.dtype, dtypes)) and C == CHUNK and Dk % 64 == 0
+            and Dv % 64 == 0)
 
 
-def _kernel(q_ref, k_ref, v_ref, h0_ref, lamc_ref, lamk_ref, o_ref, ht_ref,
-            s16_smem, bv_smem, o_smem2, st_smem, lc_smem, lk_smem, bars, *, T, C, N, BV, Dk, steps, dtype,
-            interp=False):
-    bi, hi, ji = lax.axis_index("b"), lax.axis_index("h"), lax.axis_index("j")
-    vs = pl.ds(ji * BV, BV)
+def _transforms(dtype):
+    """SMEM layout for TMA and wgmma: 128-byte swizzled rows of 8-row tiles."""
+    return plgpu.TilingTransform((8, 128 // jnp.dtype(dtype).itemsize)), plgpu.SwizzleTransform(128)
+
+
+def _walk_kernel(*refs, T, C, L, BV, Dy, steps, dtype, reverse, with_out, interp):
+    if with_out:
+        (x_ref, y_ref, z_ref, s0_ref, lam_ref, out_ref, st_ref,
+         s16_smem, zr_smem, out_smem2, st_smem, lam_smem, bars) = refs
+    else:  # state only: no X, no outputs
+        (y_ref, z_ref, s0_ref, lam_ref, st_ref, zr_smem, st_smem, lam_smem, bars) = refs
+    bi, hi, ji, si = (lax.axis_index(a) for a in ("b", "h", "j", "s"))
+    cols = pl.ds(ji * BV, BV)
     wg = plgpu.Layout.WGMMA
-    # The CPU interpreter has no layouts: plain iotas and loads there.
-    iota = ((lambda dt, shape, dim, layout: lax.broadcasted_iota(dt, shape, dim)) if interp
-            else (lambda dt, shape, dim, layout: plgpu.broadcasted_iota(dt, shape, dim, layout=layout)))
-    plgpu.copy_gmem_to_smem(h0_ref.at[bi, hi, :, vs], st_smem, bars.at[0])
-    plgpu.copy_gmem_to_smem(lamc_ref.at[hi], lc_smem, bars.at[1])
-    plgpu.copy_gmem_to_smem(lamk_ref.at[hi], lk_smem, bars.at[2])
-    for i in range(3):
-        plgpu.barrier_wait(bars.at[i])
-    load2d = (lambda ref: ref[...]) if interp else (lambda ref: plgpu.load(ref, (), layout=wg))
-    S0 = load2d(st_smem)
-    load1d = (lambda ref: ref[...]) if interp else (lambda ref: plgpu.load(ref, (), layout=wg.reduce(1)))
-    lamc = load1d(lc_smem)  # [C], every entry = lambda
-    lamk = load1d(lk_smem)  # [Dk]
+    row_layout = wg.reduce(1)
 
-    lam_cc = lax.broadcast_in_dim(lamc, (C, C), [0])
-    row = iota(jnp.int32, (C, C), 0, wg)
-    col = iota(jnp.int32, (C, C), 1, wg)
-    ninf_cc = jnp.full((C, C), -jnp.inf, F32)
-    D = jnp.exp(jnp.where(row >= col, -lam_cc * (row - col).astype(F32), ninf_cc))
-    lam_cv = lax.broadcast_in_dim(lamc, (C, BV), [0])
-    rv = iota(jnp.int32, (C, BV), 0, wg).astype(F32)
-    a2 = jnp.exp(-lam_cv * (rv + 1.0))
-    m_last = float(T - (N - 1) * C)
-    b_full = jnp.exp(-lam_cv * (C - 1.0 - rv))
-    b_last = jnp.exp(jnp.where(m_last - 1.0 - rv >= 0.0, -lam_cv * (m_last - 1.0 - rv),
-                               jnp.full((C, BV), -jnp.inf, F32)))
-    lam_kv = lax.broadcast_in_dim(lamk, (Dk, BV), [0])
-    g_full = jnp.exp(-lam_kv * float(C))
-    g_last = jnp.exp(-lam_kv * m_last)
+    # The interpreter has no register layouts: plain iotas, loads and dots there.
+    def iota(shape, dim, layout):
+        if interp:
+            return lax.broadcasted_iota(jnp.int32, shape, dim)
+        return plgpu.broadcasted_iota(jnp.int32, shape, dim, layout=layout)
 
-    def mm(a, b, shape, ta=False, tb=False):
-        """a @ b (operands SMEM refs, or a register array for ``a``) with a float32 accumulator."""
-        if interp:  # the interpreter's wgmma has no transposed operands: plain dots on the values
-            av = a if isinstance(a, jax.Array) else a[...]
-            dims = (((0 if ta else 1,), (1 if tb else 0,)), ((), ()))
-            return lax.dot_general(av, b[...], dims, preferred_element_type=F32)
+    def load_wg(ref):
+        return ref[...] if interp else plgpu.load(ref, (), layout=wg)
 
-        def body(acc):
-            plgpu.wgmma(acc, plgpu.transpose_ref(a, (1, 0)) if ta else a,
-                        plgpu.transpose_ref(b, (1, 0)) if tb else b)
-            return acc[...]
-        return pl.run_scoped(body, plgpu.ACC(shape, F32))
+    def zeros(shape):
+        z = jnp.zeros(shape, F32)
+        return z if interp else plgpu.layout_cast(z, wg)
 
-    def step(idx, q_smem, k_smem, v_smem, S):
-        n = idx[0]
+    def dot(u, w, dims):
+        return lax.dot_general(u, w, (dims, ((), ())), preferred_element_type=F32)
 
-        s = mm(q_smem, k_smem, (C, C), tb=True)
-        p16 = (s * D).astype(dtype)
-        s16_smem[...] = S.astype(dtype)
+    plgpu.copy_gmem_to_smem(s0_ref.at[bi, hi, si, :, cols], st_smem, bars.at[0])
+    plgpu.copy_gmem_to_smem(lam_ref.at[hi], lam_smem, bars.at[1])
+    plgpu.barrier_wait(bars.at[0])
+    plgpu.barrier_wait(bars.at[1])
+    S0 = load_wg(st_smem)
+    lam = lam_smem[0]  # scalar rate of this head
+    rows = iota((C,), 0, row_layout).astype(F32)
+
+    if with_out:  # intra-chunk decay mask, built once: D (forward) or D^T (reverse walk)
+        r2, c2 = iota((C, C), 0, wg), iota((C, C), 1, wg)
+        dist = (c2 - r2) if reverse else (r2 - c2)
+        M = jnp.where(dist >= 0, jnp.exp(-lam * jnp.maximum(dist, 0).astype(F32)), zeros((C, C)))
+
+    def bcast(row, width):
+        return lax.broadcast_in_dim(row, (C, width), [0])
+
+    def step(idx, *bufs):
+        x_smem, y_smem, z_smem, S = bufs if with_out else (None,) + bufs
+        local = (L - 1 - idx[0]) if reverse else idx[0]
+        n = si * L + local
+        # Real rows of this chunk: the last may be short, chunks past T have none (identity steps).
+        m = jnp.clip(T - n * C, 0, C).astype(F32)
+        # a and b as [C] row vectors and g (padded rows are zero in every input, so b's exponent is
+        # clamped there instead of masked).
+        a = jnp.exp(-lam * (rows + 1.0))
+        b = jnp.exp(-lam * jnp.maximum(m - 1.0 - rows, 0.0))
+        g = jnp.exp(-lam * m)
+        r_out, r_st = (b, a) if reverse else (a, b)
+
+        # Operands of the products that do not need P: bf16(S) and r_st * Z, in SMEM.
+        if with_out:
+            s16_smem[...] = S.astype(dtype)
+        zr_smem[...] = (load_wg(z_smem).astype(F32) * bcast(r_st, BV)).astype(dtype)
         plgpu.commit_smem()
-        # Zero-initialised accumulators, combined in registers.
-        o = mm(q_smem, s16_smem, (C, BV)) * a2 + mm(p16, v_smem, (C, BV))
-        # Outputs leave through two SMEM slots and explicit TMA stores (one store in flight).
-        slot = lax.rem(n, 2)
+        if interp:
+            S_new = S * g + dot(y_smem[...], zr_smem[...], ((0,), (0,)))
+            if with_out:
+                s = dot(x_smem[...], y_smem[...], ((1,), (1,)))
+                xs = dot(x_smem[...], s16_smem[...], ((1,), (0,)))
+        elif with_out:
+            def issue(accs):  # three products in flight, one wait
+                s_acc, xs_acc, st_acc = accs
+                plgpu.wgmma(s_acc, x_smem, plgpu.transpose_ref(y_smem, (1, 0)))
+                plgpu.wgmma(xs_acc, x_smem, s16_smem)
+                plgpu.wgmma(st_acc, plgpu.transpose_ref(y_smem, (1, 0)), zr_smem)
+            s, xs, S_new = pl.run_state(issue)(
+                (plgpu.ACC.init(zeros((C, C))), plgpu.ACC.init(zeros((C, BV))), plgpu.ACC.init(S * g)))
+        else:
+            S_new = pl.run_state(lambda acc: plgpu.wgmma(acc, plgpu.transpose_ref(y_smem, (1, 0)), zr_smem))(
+                plgpu.ACC.init(S * g))
+        if not with_out:
+            return S_new
+
+        p16 = (s * M).astype(dtype)
+        o_inter = xs * bcast(r_out, BV)
+        if interp:
+            o = o_inter + dot(p16, z_smem[...], ((1,), (0,)))
+        else:
+            o = pl.run_state(lambda acc: plgpu.wgmma(acc, p16, z_smem))(plgpu.ACC.init(o_inter))
+
+        # Outputs leave through two SMEM slots and TMA stores (at most one store in flight).
+        slot = lax.rem(idx[0], 2)
         plgpu.wait_smem_to_gmem(1, wait_read_only=True)
-        o_smem2.at[slot][...] = o.astype(dtype)
+        out_smem2.at[slot][...] = o.astype(dtype)
         plgpu.commit_smem()
-        plgpu.copy_smem_to_gmem(o_smem2.at[slot], o_ref.at[bi, hi, pl.ds(n * C, C), vs])
+        plgpu.copy_smem_to_gmem(out_smem2.at[slot], out_ref.at[bi, hi, pl.ds(n * C, C), cols])
+        return S_new
 
-        # The last chunk may be short: blend its decays in arithmetically (no select on a scalar).
-        lastf = (n == N - 1).astype(F32)
-        bb = b_full + lastf * (b_last - b_full)
-        gg = g_full + lastf * (g_last - g_full)
-        vv = load2d(v_smem).astype(F32)
-        bv_smem[...] = (vv * bb).astype(dtype)
-        plgpu.commit_smem()
-
-        return S * gg + mm(k_smem, bv_smem, (Dk, BV), ta=True)
-
-    tiling = plgpu.TilingTransform((8, 64))
-    swizzle = plgpu.SwizzleTransform(128)
-    spec = lambda d, im: plgpu.BlockSpec(block_shape=(C, d), index_map=im, transforms=(tiling, swizzle))
-    pipe = plgpu.emit_pipeline(
-        step, grid=(N,),
-        in_specs=[spec(Dk, lambda n: (n, 0)), spec(Dk, lambda n: (n, 0)), spec(BV, lambda n: (n, ji))],
-        max_concurrent_steps=steps, init_carry=S0)
-    S = pipe(q_ref.at[bi, hi], k_ref.at[bi, hi], v_ref.at[bi, hi])
+    tiling, swizzle = _transforms(dtype)
+    chunk = (lambda n: si * L + L - 1 - n) if reverse else (lambda n: si * L + n)
+    spec = lambda width, im: plgpu.BlockSpec(block_shape=(C, width), index_map=im, transforms=(tiling, swizzle))
+    specs = [spec(Dy, lambda n: (chunk(n), 0)), spec(BV, lambda n: (chunk(n), ji))]
+    srcs = [y_ref.at[bi, hi], z_ref.at[bi, hi]]
+    if with_out:
+        specs = [spec(x_ref.shape[-1], lambda n: (chunk(n), 0))] + specs
+        srcs = [x_ref.at[bi, hi]] + srcs
+    pipe = plgpu.emit_pipeline(step, grid=(L,), in_specs=specs, max_concurrent_steps=steps, init_carry=S0)
+    S = pipe(*srcs)
     st_smem[...] = S
     plgpu.commit_smem()
-    plgpu.copy_smem_to_gmem(st_smem, ht_ref.at[bi, hi, :, vs])
+    plgpu.copy_smem_to_gmem(st_smem, st_ref.at[bi, hi, si, :, cols])
     plgpu.wait_smem_to_gmem(0)
 
 
-def _fwd_mosaic(q, k, v, decay, h0, *, T, C, BV=64, steps=2, interpret=False):
+def _walk(x, y, z, lam, s0, *, T, C, reverse=False, BV=64, steps=2, with_out=True, interpret=False):
+    """Walks over the chunks of P segments at once (P = s0.shape[2]; segment p covers chunks
+    [p L, (p + 1) L) and starts from s0[:, :, p]).
+
+    Returns (out [B, H, Tp, Dz] in y's dtype, or None without ``with_out``; the state leaving each
+    segment [B, H, P, Dy, Dz] float32).
+    """
+    B, H, Tp, Dy = y.shape
+    Dz = z.shape[-1]
+    P = s0.shape[2]
+    N = Tp // C
+    if N % P:
+        raise ValueError(f"mosaic_gpu lightning kernel: {N} chunks do not split into {P} segments")
+    L = N // P
+    BV = min(BV, Dz)
+    if Dz % BV:
+        raise ValueError(f"mosaic_gpu lightning kernel: the column tile BV={BV} must divide the head dim {Dz}")
+    dtype = y.dtype
+    smem16 = lambda shape: plgpu.SMEM(shape, dtype, transforms=_transforms(dtype))
+    # float32 state buffer: 128-byte swizzled rows of 32 floats (TMA in/out, WGMMA-layout loads/stores).
+    smem32 = plgpu.SMEM((Dy, BV), F32, transforms=_transforms(F32))
+    scratch = [smem16((C, BV)), smem32, plgpu.SMEM((LAM_PAD,), F32), plgpu.Barrier(num_barriers=2)]
+    st_type = jax.ShapeDtypeStruct((B, H, P, Dy, Dz), F32)
+    if with_out:
+        scratch = [smem16((Dy, BV))] + scratch[:1] + [smem16((2, C, BV))] + scratch[1:]
+        out_type, args = (jax.ShapeDtypeStruct((B, H, Tp, Dz), dtype), st_type), (x, y, z)
+    else:
+        out_type, args = (st_type,), (y, z)
+    lam_rows = jnp.broadcast_to(lam.astype(F32)[:, None], (H, LAM_PAD))
+    kern = functools.partial(_walk_kernel, T=T, C=C, L=L, BV=BV, Dy=Dy, steps=max(1, min(steps, L)),
+                             dtype=dtype, reverse=reverse, with_out=with_out, interp=bool(interpret))
+    kw = {"interpret": _interpret_params()} if interpret else {}
+    res = plgpu.kernel(
+        kern, out_type=out_type, scratch_types=scratch,
+        grid=(B, H, Dz // BV, P), grid_names=("b", "h", "j", "s"),
+        compiler_params=_compiler_params(), **kw,
+    )(*args, s0.astype(F32), lam_rows)
+    return tuple(res) if with_out else (None, res[0])
+
+
+# ----------------------------------------------------------------------------------------------
+# Segments: parallelism for prefill shapes (few batch rows and heads, long T)
+# ----------------------------------------------------------------------------------------------
+
+def pick_segments(programs, N, *, target=128, min_chunks=8):
+    """Segments per sequence: the smallest power of two that gives ``target`` programs, keeping at
+    least ``min_chunks`` chunks per segment (1 when B * H * tiles already fills the GPU)."""
+    P = 1
+    while programs * P < target and N >= 2 * P * min_chunks:
+        P *= 2
+    return P
+
+
+def _join(M, lam, s_in, *, T, C, L, reverse):
+    """States entering each segment ``E [B, H, P, Dy, Dz]`` from the segments' local states ``M``
+    (walks from zero) and the state entering the whole walk ``s_in`` (h0, or dht for a reverse walk).
+
+    With R_p = min(T, p L C) the real rows before segment p (trailing segments may be short or empty):
+    forward  E_p = sum_{j<p} exp(-lam (R_p - R_{j+1})) M_j + exp(-lam R_p) h0,
+    reverse  E_p = sum_{j>p} exp(-lam (R_j - R_{p+1})) M_j + exp(-lam (T - R_{p+1})) dht.
+    """
+    P = M.shape[2]
+    lam = lam.astype(F32)[:, None, None]
+    R = jnp.minimum(jnp.arange(P + 1, dtype=F32) * float(L * C), float(T))
+    p = jnp.arange(P)
+    if not reverse:
+        expo, valid = R[:P, None] - R[None, 1:], p[:, None] > p[None, :]
+        w0 = jnp.exp(-lam[:, :, 0] * R[None, :P])
+    else:
+        expo, valid = R[None, :P] - R[1:, None], p[None, :] > p[:, None]
+        w0 = jnp.exp(-lam[:, :, 0] * (float(T) - R[None, 1:]))
+    W = jnp.where(valid[None], jnp.exp(-lam * jnp.maximum(expo, 0.0)[None]), 0.0)
+    E = jnp.einsum("hpj,bhjyz->bhpyz", W, M, precision=lax.Precision.HIGHEST)
+    return E + w0[None, :, :, None, None] * s_in[:, :, None]
+
+
+def _entering_states(y, z, lam, s_in, *, T, C, P, reverse, BV, steps, interpret):
+    """The state entering each of P segments: local state-only walks from zero, then the join."""
+    if P == 1:
+        return s_in.astype(F32)[:, :, None]
+    B, H, _, Dy = y.shape
+    zeros = jnp.zeros((B, H, P, Dy, z.shape[-1]), F32)
+    _, M = _walk(None, y, z, lam, zeros, T=T, C=C, reverse=reverse, BV=BV, steps=steps, with_out=False,
+                 interpret=interpret)
+    return _join(M, lam, s_in.astype(F32), T=T, C=C, L=(y.shape[2] // C) // P, reverse=reverse)
+
+
+def _pad_chunks(xs, C, P):
+    """Zero rows so that the chunks split into P segments."""
+    Tp = xs[0].shape[2]
+    N = Tp // C
+    Np = -(-N // P) * P
+    if Np == N:
+        return xs
+    return [jnp.pad(x, ((0, 0), (0, 0), (0, (Np - N) * C), (0, 0))) for x in xs]
+
+
+def _t(s):
+    return jnp.swapaxes(s, -1, -2)
+
+
+def fwd(q, k, v, decay, h0, *, T, C, BV=64, BK=None, steps=2, segments=None, target_programs=128,
+        interpret=False, **triton_kw):
+    """(o, final state). ``segments`` per sequence (None: ``pick_segments``); ``BK`` is the backward's
+    (accepted here so that one tuning dict serves both directions)."""
+    del BK
+    if not supported(q, v, C, interpret):
+        return gpu_triton.fwd_fused(q, k, v, decay, h0, T=T, C=C, BV=BV, interpret=interpret, **triton_kw)
+    B, H, Tp, _ = q.shape
+    BV = min(BV, v.shape[-1])
+    P = segments or pick_segments(B * H * (v.shape[-1] // BV), Tp // C, target=target_programs)
+    qp, kp, vp = _pad_chunks([q, k, v], C, P)
+    kw = dict(T=T, C=C, BV=BV, steps=steps, interpret=interpret)
+    E = _entering_states(kp, vp, decay, h0, P=P, reverse=False, **kw)
+    o, st = _walk(qp, kp, vp, decay, E, **kw)
+    return o[:, :, :Tp], st[:, :, -1]
+
+
+def bwd(q, k, v, decay, h0, do, dht, *, T, C, BK=64, BV=64, steps=2, segments=None, target_programs=128,
+        interpret=False, **triton_kw):
+    """(dq, dk, dv, dh0) from three walks (see the module docstring); the Triton fused backward where
+    Mosaic does not apply. With segments, the dq walk starts each segment from the forward's entering
+    state and the dk and dv walks from the state cotangent entering it from the right."""
+    if not supported(q, v, C, interpret):
+        return gpu_triton.bwd_fused(q, k, v, decay, h0, do, dht, T=T, C=C, BK=BK, BV=BV, interpret=interpret,
+                                    **triton_kw)
     B, H, Tp, Dk = q.shape
     Dv = v.shape[-1]
-    N = Tp // C
-    BV = min(BV, Dv)
-    dtype = q.dtype
-    tiling = plgpu.TilingTransform((8, 64))
-    swizzle = plgpu.SwizzleTransform(128)
-    smem16 = lambda shape: plgpu.SMEM(shape, dtype, transforms=(tiling, swizzle))
-    # float32 state buffer: 128-byte swizzled rows of 32 floats (TMA in/out, WGMMA-layout loads/stores).
-    smem32 = plgpu.SMEM((Dk, BV), F32, transforms=(plgpu.TilingTransform((8, 32)), swizzle))
-    lamc = jnp.broadcast_to(decay.astype(F32)[:, None], (H, C))
-    lamk = jnp.broadcast_to(decay.astype(F32)[:, None], (H, Dk))
-    kern = functools.partial(_kernel, T=T, C=C, N=N, BV=BV, Dk=Dk, steps=max(1, min(steps, N)), dtype=dtype,
-                             interp=bool(interpret))
-    kw = {}
-    if interpret:
-        kw["interpret"] = _interpret_params()
-    return plgpu.kernel(
-        kern,
-        out_type=(jax.ShapeDtypeStruct((B, H, Tp, Dv), dtype), jax.ShapeDtypeStruct((B, H, Dk, Dv), F32)),
-        scratch_types=[smem16((Dk, BV)), smem16((C, BV)), smem16((2, C, BV)), smem32, plgpu.SMEM((C,), F32),
-                       plgpu.SMEM((Dk,), F32), plgpu.Barrier(num_barriers=3)],
-        grid=(B, H, Dv // BV), grid_names=("b", "h", "j"),
-        compiler_params=_compiler_params(),
-        **kw,
-    )(q, k, v, h0.astype(F32), lamc, lamk)
-
-
-def fwd(q, k, v, decay, h0, *, T, C, BV=64, steps=2, interpret=False, **triton_kw):
-    if supported(q, v, C) and (not interpret or interpret_supported()):
-        return _fwd_mosaic(q, k, v, decay, h0, T=T, C=C, BV=BV, steps=steps, interpret=interpret)
-    return gpu_triton.fwd_fused(q, k, v, decay, h0, T=T, C=C, BV=BV, interpret=interpret, **triton_kw)
-
-
-def bwd(q, k, v, decay, h0, do, dht, *, T, C, interpret=False, **kw):
-    """Backward through the Triton kernels (fused strategy)."""
-    return gpu_triton.bwd_fused(q, k, v, decay, h0, do, dht, T=T, C=C, interpret=interpret, **kw)
+    BK, BV = min(BK, Dk), min(BV, Dv)
+    P = segments or pick_segments(B * H * min(Dk // BK, Dv // BV), Tp // C, target=target_programs)
+    qp, kp, vp, dop = _pad_chunks([q, k, v, do.astype(q.dtype)], C, P)
+    kw = dict(T=T, C=C, steps=steps, interpret=interpret)
+    E_fwd = _entering_states(vp, kp, decay, _t(h0), P=P, reverse=False, BV=BK, **kw)  # [.., Dv, Dk]
+    dq, _ = _walk(dop, vp, kp, decay, E_fwd, BV=BK, **kw)
+    E_rev = _entering_states(qp, dop, decay, dht, P=P, reverse=True, BV=BV, **kw)  # [.., Dk, Dv]
+    dv, dS = _walk(kp, qp, dop, decay, E_rev, reverse=True, BV=BV, **kw)
+    dk, _ = _walk(vp, dop, qp, decay, _t(E_rev), reverse=True, BV=BK, **kw)
+    return dq[:, :, :Tp], dk[:, :, :Tp], dv[:, :, :Tp], dS[:, :, 0]

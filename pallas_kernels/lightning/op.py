@@ -99,9 +99,20 @@ GPU_FUSED = dict(block_size=64, tuning=(("fwd_BV", 64), ("fwd_num_warps", 4), ("
                                         ("bwd_num_warps", 4)))
 GPU_CHUNKED = dict(block_size=128, tuning=(("BK", 32), ("BV", 32), ("fwd_BV_out", 128), ("fwd_block_size", 64),
                                            ("fwd_L", 32), ("bwd_BK_par", 64), ("bwd_BV_par", 64)))
-GPU_MOSAIC = dict(block_size=64, tuning=(("fwd_BV", 64), ("bwd_BK", 64), ("bwd_BV", 64), ("bwd_num_warps", 4)))
+GPU_MOSAIC = dict(block_size=64, tuning=(("BK", 64), ("BV", 64), ("steps", 3), ("target_programs", 128)))
 GPU_MIN_PROGRAMS = 96  # fused when B * H * (Dv / 64) reaches this many programs (H100: 132 SMs)
 TPU_BLOCK = 256
+
+
+def is_hopper(device=None) -> bool:
+    """NVIDIA compute capability 9.x (H100, H200, GH200): the Mosaic GPU kernel's wgmma runs there only
+    (Blackwell's tensor cores take tcgen05 instead, so newer GPUs get the Triton kernels)."""
+    try:
+        dev = device or jax.devices()[0]
+        cc = getattr(dev, "compute_capability", None)
+        return dev.platform == "gpu" and cc is not None and str(cc).split(".")[0] == "9"
+    except Exception:  # pragma: no cover
+        return False
 
 
 def choose_kernel(backend, q_shape, dv, dtype, block_size=None, interpret=False, impl=None, tuning=None):
@@ -114,18 +125,26 @@ def choose_kernel(backend, q_shape, dv, dtype, block_size=None, interpret=False,
     if backend != "pallas_gpu":
         raise ValueError(f"lightning_attention: backend {backend!r} has no Pallas kernel")
     if impl is None:
-        impl = "triton_fused" if B * H * max(1, dv // 64) >= GPU_MIN_PROGRAMS else "triton_chunked"
+        if is_hopper() and jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
+            impl = "mosaic_gpu"  # every shape: it splits long sequences into segments itself
+        elif B * H * max(1, dv // 64) >= GPU_MIN_PROGRAMS:
+            impl = "triton_fused"
+        else:
+            impl = "triton_chunked"
     defaults = {"triton_fused": GPU_FUSED, "triton_chunked": GPU_CHUNKED, "mosaic_gpu": GPU_MOSAIC}.get(impl)
     if defaults is None:
         raise ValueError(f"lightning_attention: unknown GPU kernel {impl!r}")
     C = defaults["block_size"] if block_size is None else block_size
     if C & (C - 1):
         raise ValueError(f"lightning_attention: backend 'pallas_gpu' needs a power-of-two block_size; got {C}")
-    C = max(16, min(C, _pow2_at_least(T)))
-    tun = dict(defaults["tuning"]) if tuning is None else dict(tuning)
-    if block_size is not None and tuning is None:  # an explicit chunk applies to both directions
-        tun.pop("fwd_block_size", None)
-        tun.pop("bwd_block_size", None)
+    if impl != "mosaic_gpu":  # short sequences get a smaller chunk; the Mosaic kernel is built for 64
+        C = max(16, min(C, _pow2_at_least(T)))
+    user = dict(tuning or {})
+    tun = {**dict(defaults["tuning"]), **user}  # the caller's keys override single defaults
+    if block_size is not None:  # an explicit chunk applies to both directions unless tuned per direction
+        for key in ("fwd_block_size", "bwd_block_size"):
+            if key not in user:
+                tun.pop(key, None)
     for key in ("fwd_block_size", "bwd_block_size"):
         if key in tun:
             tun[key] = max(16, min(int(tun[key]), _pow2_at_least(T)))

@@ -105,7 +105,9 @@ def lightning_pallas(q, k, v, decay, initial_state, cfg: KernelConfig):
     qp, kp, vp = (cm.pad_time(x.astype(dt), Tp) for x in (q, k, v))
     Dkp, Dvp = Dk, Dv
     if cfg.impl != "tpu":  # Triton blocks must be powers of two; the tiles must divide the head dims
-        Dkp, Dvp = max(16, _pow2_at_least(Dk)), max(16, _pow2_at_least(Dv))
+        # (the Mosaic kernel takes head dims in multiples of 64)
+        low = 64 if cfg.impl == "mosaic_gpu" else 16
+        Dkp, Dvp = max(low, _pow2_at_least(Dk)), max(low, _pow2_at_least(Dv))
     if (Dkp, Dvp) != (Dk, Dv):
         padd = lambda x, d: jnp.pad(x, ((0, 0),) * (x.ndim - 1) + ((0, d - x.shape[-1]),))
         qp, kp, vp = padd(qp, Dkp), padd(kp, Dkp), padd(vp, Dvp)

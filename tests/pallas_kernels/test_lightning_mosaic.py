@@ -1,32 +1,114 @@
-"""The Mosaic GPU (Hopper) forward kernel in the Mosaic GPU interpreter on the CPU.
+"""The Mosaic GPU (Hopper) lightning kernels in the Mosaic GPU interpreter on the CPU.
 
-The interpreter (jax >= 0.10) runs the kernel's pipeline, TMA copies, SMEM buffers and wgmma calls;
-its wgmma has no transposed operands, so the two transposed products run as plain dots there.
-Shapes follow the kernel's requirements: bf16, chunk 64, head dims multiples of 64.
+The interpreter (jax >= 0.10) runs the kernels' pipelines, TMA copies, SMEM buffers, chunk order
+and segment logic; its wgmma has no transposed operands, so the products run as plain dots there.
+In the interpreter float32 runs the Mosaic kernels too (compiled, float32 goes to Triton), which lets
+these tests hold the forward and all three backward walks to float32 tolerances.
 """
 
+import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
 from pallas_kernels.lightning import gpu_mosaic
+from pallas_kernels.lightning import op as lop
 from test_lightning_kernels import assert_close, kernel_fn, make, reference_f32, value_and_grads
 
 pytestmark = pytest.mark.skipif(not gpu_mosaic.interpret_supported(),
                                 reason="this JAX has no Mosaic GPU interpreter")
 
 
+def mosaic_fn(**tuning):
+    def f(q, k, v, decay, initial_state=None):
+        return lop.lightning_attention_kernel(q, k, v, decay, initial_state=initial_state, impl="mosaic_gpu",
+                                              interpret=True, tuning=tuning or None)
+    return f
+
+
 @pytest.mark.parametrize("T,random_states", [(1, True), (63, False), (64, True), (3 * 64 + 5, True)])
-def test_mosaic_forward_and_grads(T, random_states):
-    x = make(1, 2, T, 64, jnp.bfloat16, seed=T, h0=random_states, dht=random_states)
+def test_mosaic_float32_forward_and_grads(T, random_states):
+    x = make(1, 2, T, 64, jnp.float32, seed=T, h0=random_states, dht=random_states, Dv=128)
+    assert gpu_mosaic.supported(x["q"], x["v"], 64, interpret=True)
+    assert_close(value_and_grads(mosaic_fn(), x), reference_f32(x), 2e-5)
+
+
+def test_mosaic_bf16():
+    x = make(2, 2, 2 * 64 + 9, 64, jnp.bfloat16, seed=3)
     assert gpu_mosaic.supported(x["q"], x["v"], 64)
-    got = value_and_grads(kernel_fn("pallas_gpu", "mosaic_gpu", 64), x)
-    assert_close(got, reference_f32(x), 2e-2)
+    assert_close(value_and_grads(mosaic_fn(), x), reference_f32(x), 2e-2)
 
 
-def test_mosaic_value_tiles_and_float32_fallback():
-    x = make(1, 1, 70, 64, jnp.bfloat16, seed=1, Dv=128)  # two value tiles of 64
-    got = value_and_grads(kernel_fn("pallas_gpu", "mosaic_gpu", 64), x)
-    assert_close(got, reference_f32(x), 2e-2)
-    x32 = make(1, 1, 20, 16, jnp.float32, seed=2)  # unsupported by Mosaic: the Triton kernel runs
-    got = value_and_grads(kernel_fn("pallas_gpu", "mosaic_gpu", 16), x32)
-    assert_close(got, reference_f32(x32), 2e-5)
+@pytest.mark.parametrize("T,segments", [(9 * 64 + 7, 2), (9 * 64 + 7, 4), (8 * 64 + 7, 8)])
+def test_mosaic_segments(T, segments):
+    """Prefill form: sequences split into segments (local state walks, the join, then outputs); with
+    9 chunks in 4 segments the chunks are padded, with 9 in 8 the trailing segments are empty."""
+    x = make(1, 1, T, 64, jnp.float32, seed=segments)
+    x["decay"] = jnp.asarray([0.05], jnp.float32)  # slow enough that every segment's state matters
+    got = value_and_grads(mosaic_fn(segments=segments), x)
+    assert_close(got, reference_f32(x), 2e-5)
+
+
+def test_mosaic_head_dims_padded_to_64():
+    """Head dims that are not multiples of 64 are zero-padded to one (the Mosaic kernel's tile)."""
+    x = make(1, 1, 70, 16, jnp.float32, seed=1, Dv=40)
+    assert_close(value_and_grads(mosaic_fn(), x), reference_f32(x), 2e-5)
+
+
+def test_unsupported_calls_take_the_triton_kernels():
+    q = jnp.zeros((1, 1, 64, 64), jnp.float32)
+    assert not gpu_mosaic.supported(q, q, 64)  # compiled float32: Triton (wgmma would be tf32)
+    assert not gpu_mosaic.supported(q.astype(jnp.bfloat16), q, 32)  # chunk other than 64
+    x = make(1, 1, 20, 16, jnp.float32, seed=2)
+    got = value_and_grads(kernel_fn("pallas_gpu", "mosaic_gpu", 16), x)  # chunk 16: the Triton kernel
+    assert_close(got, reference_f32(x), 2e-5)
+
+
+def test_join_matches_sequential_segments():
+    """The XLA join of segment states against a float64 loop over the segments' real rows."""
+    rng = np.random.default_rng(0)
+    B, H, P, L, C, T = 1, 2, 5, 2, 4, 27  # 5 segments of 8 rows: 3 full, one of 3 rows, one empty
+    lam = np.array([0.3, 0.01])
+    M = rng.standard_normal((B, H, P, 3, 2))
+    s_in = rng.standard_normal((B, H, 3, 2))
+    rows = [min(max(T - p * L * C, 0), L * C) for p in range(P)]
+    for reverse in (False, True):
+        want = np.zeros_like(M)
+        E = s_in.copy()
+        order = range(P - 1, -1, -1) if reverse else range(P)
+        for p in order:
+            want[:, :, p] = E
+            E = np.exp(-lam * rows[p])[None, :, None, None] * E + M[:, :, p]
+        got = gpu_mosaic._join(jnp.asarray(M, jnp.float32), jnp.asarray(lam, jnp.float32),
+                               jnp.asarray(s_in, jnp.float32), T=T, C=C, L=L, reverse=reverse)
+        np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-5)
+
+
+def test_pick_segments():
+    assert gpu_mosaic.pick_segments(128, 64) == 1  # B * H * tiles already fills the GPU
+    assert gpu_mosaic.pick_segments(16, 512) == 8
+    assert gpu_mosaic.pick_segments(16, 2048) == 8
+    assert gpu_mosaic.pick_segments(4, 40) == 4  # at least 8 chunks per segment
+    assert gpu_mosaic.pick_segments(4, 20) == 2
+    assert gpu_mosaic.pick_segments(1, 3) == 1
+
+
+def test_hopper_gets_the_mosaic_kernel(monkeypatch):
+    monkeypatch.setattr(lop, "is_hopper", lambda device=None: True)
+    for shape in ((4, 16, 4096, 128), (1, 8, 131072, 128)):
+        assert lop.choose_kernel("pallas_gpu", shape, 128, jnp.bfloat16).impl == "mosaic_gpu"
+    assert lop.choose_kernel("pallas_gpu", (4, 16, 4096, 128), 128, jnp.float32).impl == "triton_fused"
+    monkeypatch.setattr(lop, "is_hopper", lambda device=None: False)  # A100, Blackwell: Triton
+    assert lop.choose_kernel("pallas_gpu", (4, 16, 4096, 128), 128, jnp.bfloat16).impl == "triton_fused"
+
+
+def test_is_hopper_reads_the_compute_capability():
+    class Dev:
+        platform = "gpu"
+
+        def __init__(self, cc):
+            self.compute_capability = cc
+    assert lop.is_hopper(Dev("9.0"))
+    assert not lop.is_hopper(Dev("8.0"))
+    assert not lop.is_hopper(Dev("10.0"))
+    assert not lop.is_hopper(jax.devices("cpu")[0])
