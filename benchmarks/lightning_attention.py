@@ -386,18 +386,29 @@ def table(rows):
     return "\n".join(lines)
 
 
+def best_triton(row):
+    """The faster Triton-lowered kernel at this shape (by forward+backward time), or None."""
+    cands = [v for k, v in row.get("ours", {}).items() if k.startswith("triton")]
+    return min(cands, key=lambda v: v[1]) if cands else None
+
+
 def plot(rows, path):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     labels = [",".join(map(str, r["shape"])) for r in rows]
-    series = {"ours (auto)": [r["auto"] for r in rows], "fla chunk_simple_gla": [r.get("fla", (np.nan,) * 2) for r in rows],
-              "XLA reference": [r["xla_ref"] for r in rows], "cuDNN softmax": [r.get("cudnn", (np.nan,) * 2) for r in rows]}
+    series = {f"ours ({', '.join(sorted({r['auto_impl'] for r in rows}))})": [r["auto"] for r in rows]}
+    triton = [best_triton(r) for r in rows]
+    if any(t is not None for t in triton):
+        series["ours, best Triton kernel"] = [t or (np.nan, np.nan) for t in triton]
+    series.update({"fla chunk_simple_gla": [r.get("fla", (np.nan,) * 2) for r in rows],
+                   "XLA reference": [r["xla_ref"] for r in rows],
+                   "cuDNN softmax": [r.get("cudnn", (np.nan,) * 2) for r in rows]})
     fig, axes = plt.subplots(1, 2, figsize=(14, 5))
-    w = 0.2
+    w = 0.8 / len(series)
     for ax, idx, title in ((axes[0], 0, "forward"), (axes[1], 1, "forward + backward")):
         for j, (name, vals) in enumerate(series.items()):
-            ax.bar(np.arange(len(rows)) + (j - 1.5) * w, [v[idx] for v in vals], w, label=name)
+            ax.bar(np.arange(len(rows)) + (j - (len(series) - 1) / 2) * w, [v[idx] for v in vals], w, label=name)
         ax.set_yscale("log")
         ax.set_xticks(np.arange(len(rows)))
         ax.set_xticklabels(labels, rotation=20, fontsize=8)
@@ -410,7 +421,8 @@ def plot(rows, path):
 
 def main():
     p = argparse.ArgumentParser()
-    p.add_argument("--mode", default="all", choices=["all", "check", "tune", "bench"])
+    p.add_argument("--mode", default="all", choices=["all", "check", "tune", "bench", "report"])
+    p.add_argument("--inputs", default="", help="report: comma-separated lightning_attention.json files to merge")
     p.add_argument("--out", default=".")
     p.add_argument("--shapes", default="all", help="'all', indices into SHAPES (0,2) or shapes BxHxTxD (8x16x512x128)")
     p.add_argument("--impls", default="all")
@@ -418,6 +430,14 @@ def main():
     p.add_argument("--no-cudnn", action="store_true")
     args = p.parse_args()
     os.makedirs(args.out, exist_ok=True)
+    if args.mode == "report":  # merge the rows of earlier bench runs into one table and plot (no GPU)
+        runs = [json.load(open(f)) for f in args.inputs.split(",") if f]
+        rows = [r for run in runs for r in run["rows"]]
+        for run in runs:
+            print(json.dumps(run["meta"]))
+        print(table(rows))
+        plot(rows, os.path.join(args.out, "lightning_attention.png"))
+        return
     # indices into SHAPES, or explicit shapes written BxHxTxD
     shapes = SHAPES if args.shapes == "all" else [
         tuple(int(d) for d in i.split("x")) if "x" in i else SHAPES[int(i)] for i in args.shapes.split(",")]

@@ -34,7 +34,27 @@ def causal_attention(q, k, v, *, segment_ids=None, implementation=None):
         mask = (segment_ids[:, :, None] == segment_ids[:, None, :])[:, None]  # [B, 1, T, S]
     if implementation is None:
         implementation = "cudnn" if mask is None and _cudnn_suits(q) else "xla"
-    return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=True, implementation=implementation)
+    attend = lambda q, k, v: jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=True,  # noqa: E731
+                                                          implementation=implementation)
+    if implementation == "cudnn":
+        return padded_causal(attend, q, k, v, CUDNN_SEQ_MULTIPLE)
+    return attend(q, k, v)
+
+
+# cuDNN's fused attention rejects some sequence lengths (jax 0.11.2 on H100: "Unsupported sequence
+# length Q 4133, KV 4133"); whole multiples of 128 are always taken.
+CUDNN_SEQ_MULTIPLE = 128
+
+
+def padded_causal(attend, q, k, v, multiple):
+    """Causal self-attention with T zero-padded at the end to a multiple of ``multiple``: exact, since
+    no real query sees a later key; the padded query rows are dropped (their cotangents are zero)."""
+    T = q.shape[1]
+    pad = -T % multiple
+    if pad == 0 or k.shape[1] != T:
+        return attend(q, k, v)
+    grow = lambda x: jnp.pad(x, ((0, 0), (0, pad), (0, 0), (0, 0)))  # noqa: E731
+    return attend(grow(q), grow(k), grow(v))[:, :T]
 
 
 class SoftmaxAttention(nnx.Module):

@@ -1,7 +1,8 @@
 """Partial rotary (rotary_dim = head_dim / 2, as in the released checkpoints) against float64 NumPy."""
 
-import numpy as np
+import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 from flax import nnx
 
@@ -77,3 +78,22 @@ def test_segment_mask_keeps_attention_inside_documents():
     ref = numpy_softmax_attention(x, *w, pos, c.rotary_dim, c.rope_theta, segment_ids=seg)
     out = np.asarray(layer(jnp.asarray(x), jnp.asarray(pos), segment_ids=jnp.asarray(seg)), np.float64)
     assert np.max(np.abs(out - ref)) / np.max(np.abs(ref)) < 1e-5
+
+
+def test_cudnn_padding_of_the_sequence_is_exact():
+    """The cuDNN path pads T to a multiple of 128 at the end; checked here with the XLA attention:
+    outputs and gradients equal the unpadded call."""
+    from m1_jax.model.softmax_attention import padded_causal
+    ks = jax.random.split(jax.random.PRNGKey(3), 4)
+    q = jax.random.normal(ks[0], (2, 37, 4, 16))
+    k, v = jax.random.normal(ks[1], (2, 37, 2, 16)), jax.random.normal(ks[2], (2, 37, 2, 16))
+    w = jax.random.normal(ks[3], (2, 37, 4, 16))
+    attend = lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="xla")
+
+    def loss(fn):
+        return lambda q, k, v: jnp.sum(fn(q, k, v) * w)
+    padded = lambda q, k, v: padded_causal(attend, q, k, v, 32)
+    np.testing.assert_allclose(padded(q, k, v), attend(q, k, v), rtol=1e-5, atol=1e-5)
+    for g_pad, g in zip(jax.grad(loss(padded), argnums=(0, 1, 2))(q, k, v),
+                        jax.grad(loss(attend), argnums=(0, 1, 2))(q, k, v)):
+        np.testing.assert_allclose(g_pad, g, rtol=1e-5, atol=1e-5)

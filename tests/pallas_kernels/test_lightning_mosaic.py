@@ -13,7 +13,8 @@ import pytest
 
 from pallas_kernels.lightning import gpu_mosaic
 from pallas_kernels.lightning import op as lop
-from test_lightning_kernels import assert_close, kernel_fn, make, reference_f32, value_and_grads
+import pallas_kernels
+from test_lightning_kernels import assert_close, kernel_fn, make, reference_f32, rel, value_and_grads
 
 pytestmark = pytest.mark.skipif(not gpu_mosaic.interpret_supported(),
                                 reason="this JAX has no Mosaic GPU interpreter")
@@ -47,6 +48,27 @@ def test_mosaic_segments(T, segments):
     x["decay"] = jnp.asarray([0.05], jnp.float32)  # slow enough that every segment's state matters
     got = value_and_grads(mosaic_fn(segments=segments), x)
     assert_close(got, reference_f32(x), 2e-5)
+
+
+def test_mosaic_prefill_in_two_parts_and_decode():
+    """prefill(A) then prefill(B) from its state equals prefill(A + B); prefill(T - 1) then one decode
+    step equals prefill(T). The second part is split into 2 segments."""
+    x = make(1, 2, 64 * 5 + 3, 64, jnp.float32, seed=8)
+    f = mosaic_fn()
+    o, ht = f(x["q"], x["k"], x["v"], x["decay"], initial_state=x["h0"])
+    A = 70
+    part = lambda z, s: z[:, :, s]
+    o1, s1 = f(part(x["q"], slice(None, A)), part(x["k"], slice(None, A)), part(x["v"], slice(None, A)),
+               x["decay"], initial_state=x["h0"])
+    o2, s2 = mosaic_fn(segments=2)(part(x["q"], slice(A, None)), part(x["k"], slice(A, None)),
+                                   part(x["v"], slice(A, None)), x["decay"], initial_state=s1)
+    assert rel(jnp.concatenate([o1, o2], axis=2), o) < 2e-5
+    assert rel(s2, ht) < 2e-5
+    _, s = f(x["q"][:, :, :-1], x["k"][:, :, :-1], x["v"][:, :, :-1], x["decay"], initial_state=x["h0"])
+    o_last, s_new = pallas_kernels.lightning_decode_step(x["q"][:, :, -1], x["k"][:, :, -1], x["v"][:, :, -1],
+                                                          x["decay"], s)
+    assert rel(o_last, o[:, :, -1]) < 2e-5
+    assert rel(s_new, ht) < 2e-5
 
 
 def test_mosaic_head_dims_padded_to_64():
