@@ -291,6 +291,29 @@ def check(impls):
             except Exception as e:
                 ok = False
                 print(f"ERR mosaic_gpu segments={P}: {type(e).__name__}: {str(e)[:400]}")
+        # Packed rows (segment_ids) on the Mosaic kernel: starts inside chunks and at a chunk edge.
+        seg = np.zeros((1, x["q"].shape[2]), np.int32)
+        for start in (5, 6, 640, 1000, 1700):
+            seg[:, start:] += 1
+        seg = jnp.asarray(seg)
+        rf = lambda q, k, v, d, h0: reference.lightning_attention_chunked(f32(q), f32(k), f32(v), d, h0, 64,
+                                                                          segment_ids=seg)
+        o_r, h_r = rf(*a)
+        g_r = grads(rf)
+        for P in (1, 8):
+            try:
+                f = lambda q, k, v, d, h0, P=P: lop.lightning_attention_kernel(
+                    q, k, v, d, initial_state=h0, impl="mosaic_gpu", tuning={"segments": P}, segment_ids=seg,
+                    interpret=INTERPRET)
+                o, h = jax.jit(f)(*a)
+                errs = [rel(o, o_r), rel(h, h_r)] + [rel(u, w) for u, w in zip(grads(f), g_r)]
+                good = max(errs) < 2e-2
+                ok &= good
+                print(f"{'ok ' if good else 'BAD'} mosaic_gpu packed rows, segments={P} o/ht/dq/dk/dv/dh0 "
+                      + " ".join(f"{e:.1e}" for e in errs))
+            except Exception as e:
+                ok = False
+                print(f"ERR mosaic_gpu packed rows segments={P}: {type(e).__name__}: {str(e)[:400]}")
     return ok
 
 

@@ -2,6 +2,7 @@
 
     python scripts/gpu_model_check.py                  # on a GPU (or TPU): small-shaped model, bf16
     python scripts/gpu_model_check.py --layers 8 --seq 2085 --batch 1
+    python scripts/gpu_model_check.py --packed          # packed documents (segment_ids) on the kernel
 
 Builds an M1-shaped model (the ``small`` preset with fewer layers and a small vocabulary, bf16
 activations), then compares loss, logits and every gradient between ``lightning_backend="auto"``
@@ -41,6 +42,9 @@ def main():
     p.add_argument("--seq", type=int, default=4133, help="tokens per row (not a chunk multiple on purpose)")
     p.add_argument("--batch", type=int, default=2)
     p.add_argument("--vocab", type=int, default=8192)
+    p.add_argument("--packed", action="store_true",
+                   help="pack documents of random lengths into each row (segment_ids) and run the Mosaic kernel's "
+                        "packed form (sets pallas_kernels.lightning.op.PACKED_ON_MOSAIC)")
     p.add_argument("--tol_factor", type=float, default=1.5,
                    help="auto's error against float32 may be at most this times the bf16 reference's")
     args = p.parse_args()
@@ -60,13 +64,20 @@ def main():
 
     graphdef, params = nnx.split(MiniMaxForCausalLM(base, rngs=nnx.Rngs(0)), nnx.Param)
     tokens = jax.random.randint(jax.random.PRNGKey(1), (args.batch, args.seq + 1), 0, args.vocab)
+    segment_ids = None
+    if args.packed:
+        lop.PACKED_ON_MOSAIC = True
+        rng = np.random.default_rng(2)
+        starts = np.cumsum(rng.integers(1, 1500, size=(args.batch, args.seq)), axis=1)
+        segment_ids = jnp.asarray((np.arange(args.seq)[None, :, None] >= starts[:, None, :]).sum(-1), jnp.int32)
+        print(f"packed rows: {int(segment_ids[:, -1].max()) + 1} documents in the longest row")
 
     def make_loss(c):
         gd = nnx.split(MiniMaxForCausalLM(c, rngs=nnx.Rngs(0)), nnx.Param)[0]
 
         def loss(params):
             m = nnx.merge(gd, params)
-            logits = m(tokens[:, :-1]).astype(jnp.float32)
+            logits = m(tokens[:, :-1], segment_ids=segment_ids).astype(jnp.float32)
             lp = jax.nn.log_softmax(logits, axis=-1)
             nll = -jnp.take_along_axis(lp, tokens[:, 1:, None], axis=-1).mean()
             return nll, logits

@@ -29,6 +29,7 @@ run as plain dots on the SMEM values.
 from __future__ import annotations
 
 import functools
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -82,7 +83,9 @@ def _transforms(dtype):
     return plgpu.TilingTransform((8, 128 // jnp.dtype(dtype).itemsize)), plgpu.SwizzleTransform(128)
 
 
-def _walk_kernel(*refs, T, C, L, BV, Dy, steps, dtype, reverse, with_out, interp):
+def _walk_kernel(*refs, T, C, L, BV, Dy, steps, dtype, reverse, with_out, docs, interp):
+    refs = list(refs)
+    first_ref, last_ref = (refs.pop(0), refs.pop(0)) if docs else (None, None)
     if with_out:
         (x_ref, y_ref, z_ref, s0_ref, lam_ref, out_ref, st_ref,
          s16_smem, zr_smem, out_smem2, st_smem, lam_smem, bars) = refs
@@ -104,7 +107,10 @@ def _walk_kernel(*refs, T, C, L, BV, Dy, steps, dtype, reverse, with_out, interp
 
     def zeros(shape):
         z = jnp.zeros(shape, F32)
-        return z if interp else plgpu.layout_cast(z, wg)
+        return z if interp else plgpu.layout_cast(z, wg if len(shape) == 2 else row_layout)
+
+    def load_rows(ref):
+        return ref[...] if interp else plgpu.load(ref, (), layout=row_layout)
 
     def dot(u, w, dims):
         return lax.dot_general(u, w, (dims, ((), ())), preferred_element_type=F32)
@@ -117,8 +123,8 @@ def _walk_kernel(*refs, T, C, L, BV, Dy, steps, dtype, reverse, with_out, interp
     lam = lam_smem[0]  # scalar rate of this head
     rows = iota((C,), 0, row_layout).astype(F32)
 
+    r2, c2 = (iota((C, C), 0, wg), iota((C, C), 1, wg)) if with_out else (None, None)
     if with_out:  # intra-chunk decay mask, built once: D (forward) or D^T (reverse walk)
-        r2, c2 = iota((C, C), 0, wg), iota((C, C), 1, wg)
         dist = (c2 - r2) if reverse else (r2 - c2)
         M = jnp.where(dist >= 0, jnp.exp(-lam * jnp.maximum(dist, 0).astype(F32)), zeros((C, C)))
 
@@ -126,7 +132,9 @@ def _walk_kernel(*refs, T, C, L, BV, Dy, steps, dtype, reverse, with_out, interp
         return lax.broadcast_in_dim(row, (C, width), [0])
 
     def step(idx, *bufs):
-        x_smem, y_smem, z_smem, S = bufs if with_out else (None,) + bufs
+        if docs:
+            first_smem, last_smem, *bufs = bufs
+        x_smem, y_smem, z_smem, S = bufs if with_out else [None] + list(bufs)
         local = (L - 1 - idx[0]) if reverse else idx[0]
         n = si * L + local
         # Real rows of this chunk: the last may be short, chunks past T have none (identity steps).
@@ -136,6 +144,16 @@ def _walk_kernel(*refs, T, C, L, BV, Dy, steps, dtype, reverse, with_out, interp
         a = jnp.exp(-lam * (rows + 1.0))
         b = jnp.exp(-lam * jnp.maximum(m - 1.0 - rows, 0.0))
         g = jnp.exp(-lam * m)
+        M_chunk = M if with_out else None
+        if docs:  # packed documents: see doc_bounds
+            first, last = load_rows(first_smem), load_rows(last_smem)
+            a = jnp.where(first < 0, a, zeros((C,)))  # rows that continue the entering state's document
+            b = jnp.where(last == C - 1, b, zeros((C,)))  # rows of the document that leaves the chunk
+            g = g * (first_smem[C - 1] < 0).astype(F32)  # a document starts in the chunk: no carry
+            if with_out:  # P only within a document: columns from its first row (forward) or to its last
+                bound = lax.broadcast_in_dim(last if reverse else jnp.maximum(first, 0), (C, C), [0])
+                same = (c2 <= bound) if reverse else (c2 >= bound)
+                M_chunk = jnp.where(same, M, zeros((C, C)))
         r_out, r_st = (b, a) if reverse else (a, b)
 
         # Operands of the products that do not need P: bf16(S) and r_st * Z, in SMEM.
@@ -162,7 +180,7 @@ def _walk_kernel(*refs, T, C, L, BV, Dy, steps, dtype, reverse, with_out, interp
         if not with_out:
             return S_new
 
-        p16 = (s * M).astype(dtype)
+        p16 = (s * M_chunk).astype(dtype)
         o_inter = xs * bcast(r_out, BV)
         if interp:
             o = o_inter + dot(p16, z_smem[...], ((1,), (0,)))
@@ -185,6 +203,10 @@ def _walk_kernel(*refs, T, C, L, BV, Dy, steps, dtype, reverse, with_out, interp
     if with_out:
         specs = [spec(x_ref.shape[-1], lambda n: (chunk(n), 0))] + specs
         srcs = [x_ref.at[bi, hi]] + srcs
+    if docs:
+        rows_spec = plgpu.BlockSpec(block_shape=(C,), index_map=lambda n: (chunk(n),))
+        specs = [rows_spec, rows_spec] + specs
+        srcs = [first_ref.at[bi], last_ref.at[bi]] + srcs
     pipe = plgpu.emit_pipeline(step, grid=(L,), in_specs=specs, max_concurrent_steps=steps, init_carry=S0)
     S = pipe(*srcs)
     st_smem[...] = S
@@ -193,9 +215,11 @@ def _walk_kernel(*refs, T, C, L, BV, Dy, steps, dtype, reverse, with_out, interp
     plgpu.wait_smem_to_gmem(0)
 
 
-def _walk(x, y, z, lam, s0, *, T, C, reverse=False, BV=64, steps=2, with_out=True, interpret=False):
+def _walk(x, y, z, lam, s0, *, T, C, reverse=False, BV=64, steps=2, with_out=True, docs=None, interpret=False):
     """Walks over the chunks of P segments at once (P = s0.shape[2]; segment p covers chunks
     [p L, (p + 1) L) and starts from s0[:, :, p]).
+
+    ``docs``: None, or ``doc_bounds`` of packed rows (the state restarts at each document start).
 
     Returns (out [B, H, Tp, Dz] in y's dtype, or None without ``with_out``; the state leaving each
     segment [B, H, P, Dy, Dz] float32).
@@ -222,8 +246,11 @@ def _walk(x, y, z, lam, s0, *, T, C, reverse=False, BV=64, steps=2, with_out=Tru
     else:
         out_type, args = (st_type,), (y, z)
     lam_rows = jnp.broadcast_to(lam.astype(F32)[:, None], (H, LAM_PAD))
+    if docs is not None:
+        args = (docs.first, docs.last) + args
     kern = functools.partial(_walk_kernel, T=T, C=C, L=L, BV=BV, Dy=Dy, steps=max(1, min(steps, L)),
-                             dtype=dtype, reverse=reverse, with_out=with_out, interp=bool(interpret))
+                             dtype=dtype, reverse=reverse, with_out=with_out, docs=docs is not None,
+                             interp=bool(interpret))
     kw = {"interpret": _interpret_params()} if interpret else {}
     res = plgpu.kernel(
         kern, out_type=out_type, scratch_types=scratch,
@@ -246,7 +273,34 @@ def pick_segments(programs, N, *, target=128, min_chunks=8):
     return P
 
 
-def _join(M, lam, s_in, *, T, C, L, reverse):
+class DocBounds(NamedTuple):
+    """Packed documents, per row and chunk-local (int32 [B, Tp]): ``first`` is the row where the row's
+    document starts, -1 when it continues from before the chunk; ``last`` is the row where it ends,
+    clamped to C - 1. ``reset [B, P]``: a document starts somewhere in segment p."""
+
+    first: jax.Array
+    last: jax.Array
+    reset: jax.Array
+
+
+def doc_bounds(segment_ids, Tp, C, P) -> DocBounds:
+    """From ``segment_ids [B, T]`` (a document starts where the id changes; padded rows continue the last
+    document, the initial state belongs to the first)."""
+    B, T = segment_ids.shape
+    seg = jnp.pad(segment_ids.astype(jnp.int32), ((0, 0), (0, Tp - T)), mode="edge")
+    start = jnp.concatenate([jnp.zeros((B, 1), bool), seg[:, 1:] != seg[:, :-1]], axis=1)
+    pos = jnp.arange(Tp, dtype=jnp.int32)[None]
+    chunk0 = (pos // C) * C
+    latest = lax.cummax(jnp.where(start, pos, -1), axis=1)  # latest start at or before each row
+    first = jnp.where(latest >= chunk0, latest - chunk0, -1)
+    # earliest start after each row; the row's document ends just before it
+    nxt = lax.cummin(jnp.where(start, pos, Tp), axis=1, reverse=True)
+    nxt_after = jnp.concatenate([nxt[:, 1:], jnp.full((B, 1), Tp, jnp.int32)], axis=1)
+    last = jnp.minimum(nxt_after - 1 - chunk0, C - 1)
+    return DocBounds(first.astype(jnp.int32), last.astype(jnp.int32), start.reshape(B, P, -1).any(-1))
+
+
+def _join(M, lam, s_in, *, T, C, L, reverse, reset=None):
     """States entering each segment ``E [B, H, P, Dy, Dz]`` from the segments' local states ``M``
     (walks from zero) and the state entering the whole walk ``s_in`` (h0, or dht for a reverse walk).
 
@@ -265,19 +319,33 @@ def _join(M, lam, s_in, *, T, C, L, reverse):
         expo, valid = R[None, :P] - R[1:, None], p[None, :] > p[:, None]
         w0 = jnp.exp(-lam[:, :, 0] * (float(T) - R[None, 1:]))
     W = jnp.where(valid[None], jnp.exp(-lam * jnp.maximum(expo, 0.0)[None]), 0.0)
-    E = jnp.einsum("hpj,bhjyz->bhpyz", W, M, precision=lax.Precision.HIGHEST)
-    return E + w0[None, :, :, None, None] * s_in[:, :, None]
+    if reset is None:
+        E = jnp.einsum("hpj,bhjyz->bhpyz", W, M, precision=lax.Precision.HIGHEST)
+        return E + w0[None, :, :, None, None] * s_in[:, :, None]
+    # Packed documents: a state crosses only segments in which no document starts.
+    cnt = jnp.cumsum(reset.astype(jnp.int32), axis=1)  # [B, P], resets in segments 0..p
+    cnt0 = jnp.concatenate([jnp.zeros_like(cnt[:, :1]), cnt], axis=1)  # [B, P + 1], resets before p
+    if not reverse:  # j < p crosses j+1 .. p-1; h0 crosses 0 .. p-1
+        clear = cnt0[:, :P][:, :, None] == cnt0[:, 1:][:, None, :]  # [B, p, j]: cnt0[p] == cnt0[j + 1]
+        clear0 = cnt0[:, :P] == 0
+    else:  # j > p crosses p+1 .. j-1; dht crosses p+1 .. P-1
+        clear = cnt0[:, 1:][:, :, None] == cnt0[:, :P][:, None, :]  # [B, p, j]: cnt0[p + 1] == cnt0[j]
+        clear0 = cnt[:, -1:] == cnt0[:, 1:]
+    Wb = W[None] * clear[:, None].astype(F32)  # [B, H, P, P]
+    E = jnp.einsum("bhpj,bhjyz->bhpyz", Wb, M, precision=lax.Precision.HIGHEST)
+    return E + (w0[None] * clear0[:, None].astype(F32))[..., None, None] * s_in[:, :, None]
 
 
-def _entering_states(y, z, lam, s_in, *, T, C, P, reverse, BV, steps, interpret):
+def _entering_states(y, z, lam, s_in, *, T, C, P, reverse, BV, steps, interpret, docs=None):
     """The state entering each of P segments: local state-only walks from zero, then the join."""
     if P == 1:
         return s_in.astype(F32)[:, :, None]
     B, H, _, Dy = y.shape
     zeros = jnp.zeros((B, H, P, Dy, z.shape[-1]), F32)
     _, M = _walk(None, y, z, lam, zeros, T=T, C=C, reverse=reverse, BV=BV, steps=steps, with_out=False,
-                 interpret=interpret)
-    return _join(M, lam, s_in.astype(F32), T=T, C=C, L=(y.shape[2] // C) // P, reverse=reverse)
+                 docs=docs, interpret=interpret)
+    return _join(M, lam, s_in.astype(F32), T=T, C=C, L=(y.shape[2] // C) // P, reverse=reverse,
+                 reset=None if docs is None else docs.reset)
 
 
 def _pad_chunks(xs, C, P):
@@ -295,28 +363,34 @@ def _t(s):
 
 
 def fwd(q, k, v, decay, h0, *, T, C, BV=64, BK=None, steps=2, segments=None, target_programs=128,
-        interpret=False, **triton_kw):
+        segment_ids=None, interpret=False, **triton_kw):
     """(o, final state). ``segments`` per sequence (None: ``pick_segments``); ``BK`` is the backward's
-    (accepted here so that one tuning dict serves both directions)."""
+    (accepted here so that one tuning dict serves both directions). ``segment_ids [B, T]``: packed
+    documents (the Triton fallback does not take them)."""
     del BK
     if not supported(q, v, C, interpret):
+        if segment_ids is not None:
+            raise NotImplementedError("lightning_attention: packed rows (segment_ids) need the Mosaic kernel")
         return gpu_triton.fwd_fused(q, k, v, decay, h0, T=T, C=C, BV=BV, interpret=interpret, **triton_kw)
     B, H, Tp, _ = q.shape
     BV = min(BV, v.shape[-1])
     P = segments or pick_segments(B * H * (v.shape[-1] // BV), Tp // C, target=target_programs)
     qp, kp, vp = _pad_chunks([q, k, v], C, P)
-    kw = dict(T=T, C=C, BV=BV, steps=steps, interpret=interpret)
+    docs = None if segment_ids is None else doc_bounds(segment_ids, qp.shape[2], C, P)
+    kw = dict(T=T, C=C, BV=BV, steps=steps, interpret=interpret, docs=docs)
     E = _entering_states(kp, vp, decay, h0, P=P, reverse=False, **kw)
     o, st = _walk(qp, kp, vp, decay, E, **kw)
     return o[:, :, :Tp], st[:, :, -1]
 
 
 def bwd(q, k, v, decay, h0, do, dht, *, T, C, BK=64, BV=64, steps=2, segments=None, target_programs=128,
-        interpret=False, **triton_kw):
+        segment_ids=None, interpret=False, **triton_kw):
     """(dq, dk, dv, dh0) from three walks (see the module docstring); the Triton fused backward where
     Mosaic does not apply. With segments, the dq walk starts each segment from the forward's entering
     state and the dk and dv walks from the state cotangent entering it from the right."""
     if not supported(q, v, C, interpret):
+        if segment_ids is not None:
+            raise NotImplementedError("lightning_attention: packed rows (segment_ids) need the Mosaic kernel")
         return gpu_triton.bwd_fused(q, k, v, decay, h0, do, dht, T=T, C=C, BK=BK, BV=BV, interpret=interpret,
                                     **triton_kw)
     B, H, Tp, Dk = q.shape
@@ -324,7 +398,8 @@ def bwd(q, k, v, decay, h0, do, dht, *, T, C, BK=64, BV=64, steps=2, segments=No
     BK, BV = min(BK, Dk), min(BV, Dv)
     P = segments or pick_segments(B * H * min(Dk // BK, Dv // BV), Tp // C, target=target_programs)
     qp, kp, vp, dop = _pad_chunks([q, k, v, do.astype(q.dtype)], C, P)
-    kw = dict(T=T, C=C, steps=steps, interpret=interpret)
+    docs = None if segment_ids is None else doc_bounds(segment_ids, qp.shape[2], C, P)
+    kw = dict(T=T, C=C, steps=steps, interpret=interpret, docs=docs)
     E_fwd = _entering_states(vp, kp, decay, _t(h0), P=P, reverse=False, BV=BK, **kw)  # [.., Dv, Dk]
     dq, _ = _walk(dop, vp, kp, decay, E_fwd, BV=BK, **kw)
     E_rev = _entering_states(qp, dop, decay, dht, P=P, reverse=True, BV=BV, **kw)  # [.., Dk, Dv]

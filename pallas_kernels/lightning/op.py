@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import jax
 import jax.numpy as jnp
 
@@ -9,6 +11,11 @@ from pallas_kernels.lightning import reference, vjp
 from pallas_kernels.lightning.vjp import KernelConfig
 
 BACKENDS = ("auto", "reference", "pallas_gpu", "pallas_tpu")
+
+# Packed rows (segment_ids) on the Mosaic GPU kernel: exact in the Mosaic GPU interpreter and lowered for
+# the GPU, but not yet run compiled on one, so off by default (packed rows then take the reference).
+# Enable with M1_MOSAIC_PACKED=1 in the environment or by setting this to True.
+PACKED_ON_MOSAIC = os.environ.get("M1_MOSAIC_PACKED", "0") == "1"
 DEFAULT_BLOCK_SIZE = 256
 
 
@@ -63,8 +70,9 @@ def lightning_attention(q, k, v, decay, *, initial_state=None, block_size=None, 
         the reference on CPU).
       interpret: run Pallas backends in interpret mode (on the CPU).
       segment_ids: optional ``[B, T]`` int document ids for packed rows; the state restarts at each
-        document start. Only the reference implements this: with a Pallas backend the call falls back
-        to the reference.
+        document start. The reference implements this, and so does the Mosaic GPU kernel once enabled
+        (``PACKED_ON_MOSAIC``, not yet run compiled on a GPU); other Pallas kernels fall back to the
+        reference for such calls.
 
     Returns:
       ``(o, final_state)``: o ``[B, H, T, Dv]`` in q's dtype, final_state ``[B, H, Dk, Dv]`` float32.
@@ -78,15 +86,15 @@ def lightning_attention(q, k, v, decay, *, initial_state=None, block_size=None, 
     decay = decay.astype(jnp.float32)
     if initial_state is not None:
         initial_state = initial_state.astype(jnp.float32)
-    if backend == "reference" or segment_ids is not None:
-        # Packed documents (segment_ids) are handled by the reference only: the Pallas kernels do not
-        # reset the state inside a sequence, so such calls fall back to the chunked jnp form.
+    cfg = None if backend == "reference" else choose_kernel(backend, q.shape, v.shape[-1], q.dtype, None, interpret)
+    if cfg is None or (segment_ids is not None and not (cfg.impl == "mosaic_gpu" and PACKED_ON_MOSAIC)):
+        # Packed documents (segment_ids) run on the reference, or on the Mosaic kernel once enabled
+        # (PACKED_ON_MOSAIC): the Triton and TPU kernels do not restart the state inside a sequence.
         block_size = DEFAULT_BLOCK_SIZE if block_size is None else block_size
         return reference.lightning_attention_chunked(q, k, v, decay, initial_state, block_size, segment_ids)
     # The Pallas backends use their tuned chunks: block_size is the reference's (results do not depend
     # on it beyond rounding). lightning_attention_kernel(..., block_size=) forces a kernel chunk.
-    cfg = choose_kernel(backend, q.shape, v.shape[-1], q.dtype, None, interpret)
-    return vjp.lightning_pallas(q, k, v, decay, initial_state, cfg)
+    return vjp.lightning_pallas(q, k, v, decay, initial_state, cfg, segment_ids)
 
 
 def _pow2_at_least(n: int) -> int:
@@ -152,9 +160,10 @@ def choose_kernel(backend, q_shape, dv, dtype, block_size=None, interpret=False,
 
 
 def lightning_attention_kernel(q, k, v, decay, *, initial_state=None, backend="pallas_gpu", block_size=None,
-                               interpret=False, impl=None, tuning=None):
+                               interpret=False, impl=None, tuning=None, segment_ids=None):
     """Like :func:`lightning_attention` with an explicit kernel choice (``impl``: ``"triton_fused"``,
-    ``"triton_chunked"``, ``"mosaic_gpu"``, ``"tpu"``) and tuning dict. For benchmarks and tests."""
-    _check_inputs(q, k, v, decay, initial_state, None)
+    ``"triton_chunked"``, ``"mosaic_gpu"``, ``"tpu"``) and tuning dict. For benchmarks and tests.
+    ``segment_ids`` (packed rows) run on ``impl="mosaic_gpu"`` only."""
+    _check_inputs(q, k, v, decay, initial_state, segment_ids)
     cfg = choose_kernel(backend, q.shape, v.shape[-1], q.dtype, block_size, interpret, impl, tuning)
-    return vjp.lightning_pallas(q, k, v, decay.astype(jnp.float32), initial_state, cfg)
+    return vjp.lightning_pallas(q, k, v, decay.astype(jnp.float32), initial_state, cfg, segment_ids)

@@ -71,19 +71,22 @@ def _make_op(cfg: KernelConfig, T: int):
     fkw["C"] = fkw.pop("block_size", fkw["C"])
     bkw["C"] = bkw.pop("block_size", bkw["C"])
 
-    @jax.custom_vjp
-    def op(q, k, v, decay, h0):
-        return fwd_k(q, k, v, decay, h0, **fkw)
+    # ``seg``: None, or segment ids [B, T] of packed rows (only the Mosaic kernels take them).
+    docs = lambda seg: {} if seg is None else {"segment_ids": seg}  # noqa: E731
 
-    def op_fwd(q, k, v, decay, h0):
-        return fwd_k(q, k, v, decay, h0, **fkw), (q, k, v, decay, h0)
+    @jax.custom_vjp
+    def op(q, k, v, decay, h0, seg):
+        return fwd_k(q, k, v, decay, h0, **fkw, **docs(seg))
+
+    def op_fwd(q, k, v, decay, h0, seg):
+        return fwd_k(q, k, v, decay, h0, **fkw, **docs(seg)), (q, k, v, decay, h0, seg)
 
     def op_bwd(res, cts):
-        q, k, v, decay, h0 = res
+        q, k, v, decay, h0, seg = res
         do, dht = cts
         do = do.astype(q.dtype)
-        dq, dk, dv, dh0 = bwd_k(q, k, v, decay, h0, do, dht.astype(F32), **bkw)
-        return dq, dk, dv, jnp.zeros_like(decay), dh0.astype(h0.dtype)
+        dq, dk, dv, dh0 = bwd_k(q, k, v, decay, h0, do, dht.astype(F32), **bkw, **docs(seg))
+        return dq, dk, dv, jnp.zeros_like(decay), dh0.astype(h0.dtype), None
 
     op.defvjp(op_fwd, op_bwd)
     return op
@@ -93,9 +96,13 @@ def _pow2_at_least(n: int) -> int:
     return 1 << max(0, (int(n) - 1).bit_length())
 
 
-def lightning_pallas(q, k, v, decay, initial_state, cfg: KernelConfig):
+def lightning_pallas(q, k, v, decay, initial_state, cfg: KernelConfig, segment_ids=None):
     """Pads T to a multiple of the chunk (and, for the GPU kernels, head dims to a power of two >= 16,
-    with zeros, which changes nothing), runs the custom_vjp op, slices the outputs back."""
+    with zeros, which changes nothing), runs the custom_vjp op, slices the outputs back.
+    ``segment_ids [B, T]`` (packed rows) only with ``cfg.impl == "mosaic_gpu"``."""
+    if segment_ids is not None and cfg.impl != "mosaic_gpu":
+        raise ValueError(f"lightning_attention: packed rows (segment_ids) run on the 'mosaic_gpu' kernel or the "
+                         f"reference backend; got kernel {cfg.impl!r}")
     B, H, T, Dk = q.shape
     Dv = v.shape[-1]
     C = max([cfg.block_size] + [v for k, v in cfg.tuning if k in ("fwd_block_size", "bwd_block_size")])
@@ -112,5 +119,6 @@ def lightning_pallas(q, k, v, decay, initial_state, cfg: KernelConfig):
         padd = lambda x, d: jnp.pad(x, ((0, 0),) * (x.ndim - 1) + ((0, d - x.shape[-1]),))
         qp, kp, vp = padd(qp, Dkp), padd(kp, Dkp), padd(vp, Dvp)
         h0 = jnp.pad(h0, ((0, 0), (0, 0), (0, Dkp - Dk), (0, Dvp - Dv)))
-    o, ht = _make_op(cfg, T)(qp, kp, vp, decay.astype(F32), h0)
+    seg = None if segment_ids is None else segment_ids.astype(jnp.int32)
+    o, ht = _make_op(cfg, T)(qp, kp, vp, decay.astype(F32), h0, seg)
     return o[:, :, :T, :Dv], ht[:, :, :Dk, :Dv]

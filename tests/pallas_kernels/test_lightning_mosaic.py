@@ -13,6 +13,7 @@ import pytest
 
 from pallas_kernels.lightning import gpu_mosaic
 from pallas_kernels.lightning import op as lop
+from pallas_kernels.lightning import reference
 import pallas_kernels
 from test_lightning_kernels import assert_close, kernel_fn, make, reference_f32, rel, value_and_grads
 
@@ -134,3 +135,86 @@ def test_is_hopper_reads_the_compute_capability():
     assert not lop.is_hopper(Dev("8.0"))
     assert not lop.is_hopper(Dev("10.0"))
     assert not lop.is_hopper(jax.devices("cpu")[0])
+
+
+def _segment_ids(T, starts_per_row):
+    seg = np.zeros((len(starts_per_row), T), np.int32)
+    for r, starts in enumerate(starts_per_row):
+        for s in starts:
+            seg[r, s:] += 1
+    return jnp.asarray(seg)
+
+
+def _packed_reference(x, seg):
+    f32 = {k: (v.astype(jnp.float32) if hasattr(v, "astype") else v) for k, v in x.items()}
+    o, ht = reference.lightning_attention_recurrent(f32["q"], f32["k"], f32["v"], f32["decay"], f32["h0"],
+                                                    segment_ids=seg)
+    chunked = lambda q, k, v, d, initial_state: reference.lightning_attention_chunked(  # noqa: E731
+        q, k, v, d, initial_state, 32, segment_ids=seg)
+    _, _, *grads = value_and_grads(chunked, f32)
+    return [o, ht, *grads]
+
+
+@pytest.mark.parametrize("T,segments,starts", [
+    (3 * 64 + 5, 1, ([5, 6, 64, 100, 130], [63, 64, 65])),  # one-token documents, starts at chunk edges
+    (9 * 64 + 7, 2, ([128, 259, 260, 500], [320, 321])),  # a start at a segment's first row (320)
+    (9 * 64 + 7, 4, ([1, 192, 447], [])),  # 9 chunks in 4 segments: padded chunks
+    (8 * 64 + 7, 8, ([300], [10, 129])),  # 9 chunks in 8 segments: empty trailing segments
+])
+def test_mosaic_packed_documents(T, segments, starts):
+    """Packed rows: the state restarts at each document start (inside chunks, at chunk and segment
+    edges); outputs, final state and all gradients against the reference's segment_ids form."""
+    x = make(2, 2, T, 64, jnp.float32, seed=T + segments)
+    x["decay"] = jnp.asarray([0.05, 1e-3], jnp.float32)
+    seg = _segment_ids(T, starts)
+    f = lambda q, k, v, d, initial_state: lop.lightning_attention_kernel(  # noqa: E731
+        q, k, v, d, initial_state=initial_state, impl="mosaic_gpu", interpret=True,
+        tuning={"segments": segments}, segment_ids=seg)
+    assert_close(value_and_grads(f, x), _packed_reference(x, seg), 2e-5)
+
+
+def test_mosaic_packed_documents_bf16():
+    x = make(1, 2, 150, 64, jnp.bfloat16, seed=21)
+    seg = _segment_ids(150, ([40, 64, 90],))
+    f = lambda q, k, v, d, initial_state: lop.lightning_attention_kernel(  # noqa: E731
+        q, k, v, d, initial_state=initial_state, impl="mosaic_gpu", interpret=True, segment_ids=seg)
+    assert_close(value_and_grads(f, x), _packed_reference(x, seg), 2e-2)
+
+
+def test_doc_bounds_against_a_loop():
+    T, C = 150, 64
+    seg = _segment_ids(T, ([3, 64, 65, 130], [127, 128]))
+    Tp, P = 192, 3
+    got = gpu_mosaic.doc_bounds(seg, Tp, C, P)
+    s = np.pad(np.asarray(seg), ((0, 0), (0, Tp - T)), mode="edge")
+    for r in range(2):
+        starts = [t for t in range(1, Tp) if s[r, t] != s[r, t - 1]]
+        for t in range(Tp):
+            c0 = t // C * C
+            begin = max([u for u in starts if u <= t], default=0)
+            end = min([u for u in starts if u > t], default=Tp) - 1
+            assert got.first[r, t] == (begin - c0 if begin >= c0 and begin in starts else -1)
+            assert got.last[r, t] == min(end - c0, C - 1)
+        assert list(np.asarray(got.reset[r])) == [any(p * C <= u < (p + 1) * C for u in starts) for p in range(P)]
+
+
+def test_packed_rows_route(monkeypatch):
+    """Packed rows take the Mosaic kernel only where it is chosen (Hopper, bf16) and enabled; elsewhere the
+    reference. Other kernels refuse them by name."""
+    from pallas_kernels.lightning import vjp
+    x = make(1, 2, 100, 64, jnp.bfloat16, seed=4)
+    seg = _segment_ids(100, ([30, 70],))
+    want = _packed_reference(x, seg)[:2]
+    calls = []
+    real = vjp.lightning_pallas
+    monkeypatch.setattr(vjp, "lightning_pallas", lambda *a, **k: calls.append(a[5].impl) or real(*a, **k))
+    monkeypatch.setattr(lop, "is_hopper", lambda device=None: True)
+    for enabled in (False, True):
+        monkeypatch.setattr(lop, "PACKED_ON_MOSAIC", enabled)
+        o, ht = pallas_kernels.lightning_attention(x["q"], x["k"], x["v"], x["decay"], initial_state=x["h0"],
+                                                   backend="pallas_gpu", interpret=True, segment_ids=seg)
+        assert_close([o.astype(jnp.float32), ht], want, 2e-2, names=("o", "final_state"))
+        assert calls == (["mosaic_gpu"] if enabled else [])
+    with pytest.raises(ValueError, match="segment_ids.*mosaic_gpu"):
+        lop.lightning_attention_kernel(x["q"], x["k"], x["v"], x["decay"], impl="triton_fused", interpret=True,
+                                       segment_ids=seg)
