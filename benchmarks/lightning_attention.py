@@ -264,56 +264,55 @@ def check(impls):
                     except Exception as e:  # report and go on: one broken impl must not hide the rest
                         ok = False
                         print(f"ERR {impl} {jnp.dtype(dtype).name} C={C}: {type(e).__name__}: {str(e)[:400]}")
-    # The Mosaic kernel split into segments (the prefill form), bf16, against the recurrence.
     if "mosaic_gpu" in impls:
-        x = inputs(1, 2, 64 * 37 + 11, 128, seed=2)
-        x["decay"] = jnp.asarray(np.array([0.5, 1e-4], np.float32))
-        a = (x["q"], x["k"], x["v"], x["decay"], x["h0"])
-        f32 = lambda z: z.astype(jnp.float32)
-        o_r, h_r = reference.lightning_attention_recurrent(f32(x["q"]), f32(x["k"]), f32(x["v"]), x["decay"], x["h0"])
-        dht = jnp.asarray(np.random.default_rng(4).standard_normal((1, 2, 128, 128)).astype(np.float32))
+        ok &= check_mosaic_prefill_and_packed()
+    return ok
 
-        def grads(f):
-            def loss(q, k, v, h0):
-                o, ht = f(q, k, v, x["decay"], h0)
-                return jnp.sum(o.astype(jnp.float32) * x["do"].astype(jnp.float32)) + jnp.sum(ht * dht)
-            return jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3)))(x["q"], x["k"], x["v"], x["h0"])
-        g_r = grads(lambda q, k, v, d, h0: reference.lightning_attention_recurrent(f32(q), f32(k), f32(v), d, h0))
-        for P in (2, 8):
+
+def check_mosaic_prefill_and_packed():
+    """The Mosaic kernel split into segments (the prefill form), then on packed rows (segment_ids, starts
+    inside chunks and at a chunk edge): bf16 outputs and all gradients against float32 references."""
+    x = inputs(1, 2, 64 * 37 + 11, 128, seed=2)
+    x["decay"] = jnp.asarray(np.array([0.5, 1e-4], np.float32))
+    a = (x["q"], x["k"], x["v"], x["decay"], x["h0"])
+    f32 = lambda z: z.astype(jnp.float32)  # noqa: E731
+    dht = jnp.asarray(np.random.default_rng(4).standard_normal((1, 2, 128, 128)).astype(np.float32))
+    seg = np.zeros((1, x["q"].shape[2]), np.int32)
+    for start in (5, 6, 640, 1000, 1700):
+        seg[:, start:] += 1
+    seg = jnp.asarray(seg)
+
+    def grads(f):
+        def loss(q, k, v, h0):
+            o, ht = f(q, k, v, x["decay"], h0)
+            return jnp.sum(o.astype(jnp.float32) * x["do"].astype(jnp.float32)) + jnp.sum(ht * dht)
+        return jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3)))(x["q"], x["k"], x["v"], x["h0"])
+
+    def ref(segment_ids):
+        return lambda q, k, v, d, h0: reference.lightning_attention_chunked(f32(q), f32(k), f32(v), d, h0, 64,
+                                                                            segment_ids=segment_ids)
+
+    def ours(P, segment_ids):
+        return lambda q, k, v, d, h0: lop.lightning_attention_kernel(
+            q, k, v, d, initial_state=h0, impl="mosaic_gpu", tuning={"segments": P}, segment_ids=segment_ids,
+            interpret=INTERPRET)
+
+    ok = True
+    for label, segment_ids, counts in (("", None, (2, 8)), ("packed rows, ", seg, (1, 8))):
+        o_r, h_r = ref(segment_ids)(*a)
+        g_r = grads(ref(segment_ids))
+        for P in counts:
             try:
-                f = ours_fns("mosaic_gpu", tuning={"segments": P})
+                f = ours(P, segment_ids)
                 o, h = jax.jit(f)(*a)
                 errs = [rel(o, o_r), rel(h, h_r)] + [rel(u, w) for u, w in zip(grads(f), g_r)]
                 good = max(errs) < 2e-2
                 ok &= good
-                print(f"{'ok ' if good else 'BAD'} mosaic_gpu segments={P} (1, 2, {64 * 37 + 11}, 128) o/ht/dq/dk/dv/dh0 "
-                      + " ".join(f"{e:.1e}" for e in errs))
-            except Exception as e:
+                print(f"{'ok ' if good else 'BAD'} mosaic_gpu {label}segments={P} {tuple(x['q'].shape)} "
+                      "o/ht/dq/dk/dv/dh0 " + " ".join(f"{e:.1e}" for e in errs))
+            except Exception as e:  # report and go on
                 ok = False
-                print(f"ERR mosaic_gpu segments={P}: {type(e).__name__}: {str(e)[:400]}")
-        # Packed rows (segment_ids) on the Mosaic kernel: starts inside chunks and at a chunk edge.
-        seg = np.zeros((1, x["q"].shape[2]), np.int32)
-        for start in (5, 6, 640, 1000, 1700):
-            seg[:, start:] += 1
-        seg = jnp.asarray(seg)
-        rf = lambda q, k, v, d, h0: reference.lightning_attention_chunked(f32(q), f32(k), f32(v), d, h0, 64,
-                                                                          segment_ids=seg)
-        o_r, h_r = rf(*a)
-        g_r = grads(rf)
-        for P in (1, 8):
-            try:
-                f = lambda q, k, v, d, h0, P=P: lop.lightning_attention_kernel(
-                    q, k, v, d, initial_state=h0, impl="mosaic_gpu", tuning={"segments": P}, segment_ids=seg,
-                    interpret=INTERPRET)
-                o, h = jax.jit(f)(*a)
-                errs = [rel(o, o_r), rel(h, h_r)] + [rel(u, w) for u, w in zip(grads(f), g_r)]
-                good = max(errs) < 2e-2
-                ok &= good
-                print(f"{'ok ' if good else 'BAD'} mosaic_gpu packed rows, segments={P} o/ht/dq/dk/dv/dh0 "
-                      + " ".join(f"{e:.1e}" for e in errs))
-            except Exception as e:
-                ok = False
-                print(f"ERR mosaic_gpu packed rows segments={P}: {type(e).__name__}: {str(e)[:400]}")
+                print(f"ERR mosaic_gpu {label}segments={P}: {type(e).__name__}: {str(e)[:400]}")
     return ok
 
 
