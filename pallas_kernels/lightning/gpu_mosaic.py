@@ -1,4 +1,4 @@
-"""Lightning attention for Hopper (and newer) through Pallas Mosaic GPU: forward and backward.
+"""Lightning attention for Hopper GPUs (wgmma, TMA) through Pallas Mosaic GPU: forward and backward.
 
 Everything runs on one kernel, ``_walk``: one warpgroup per (batch, head, column tile of BV)
 walks the chunks of a sequence (forwards or backwards in time) with ``plgpu.emit_pipeline`` (TMA
@@ -15,9 +15,15 @@ chunk decay ``g`` (see ``common.py``)::
 
 The three products that do not depend on P are issued together and waited on once.
 
-One walk is the forward (X, Y, Z = Q, K, V from h0). The backward is three walks (derivation in
-``docs/kernels.md``): dQ is a forward walk over (dO, V, K) from h0^T; dV a reverse walk over
-(K, Q, dO) from dht, whose final state is d(h0); dK a reverse walk over (V, dO, Q) from dht^T.
+One walk is the forward (X, Y, Z = Q, K, V from h0). The backward is three walks (the formulas of
+``common.py`` rearranged, see ``docs/kernels.md``): dQ is a forward walk over (dO, V, K) from h0^T;
+dV a reverse walk over (K, Q, dO) from dht, whose final state is d(h0); dK a reverse walk over
+(V, dO, Q) from dht^T.
+
+Segments: when B * H * tiles is too small to fill the GPU (prefill), every walk is split into P
+segments: state-only walks from zero, an XLA join (``_join``), then the walk from each segment's
+entering state. Packed documents (``segment_ids``, ``doc_bounds``) mask P, a, b and g per chunk and
+stop states at document starts in the join.
 
 Requirements: bf16/f16 inputs, chunk C = 64, Dk and Dv multiples of 64. Other calls (float32
 inputs, which need full-precision products, and other shapes) use the Triton kernels
