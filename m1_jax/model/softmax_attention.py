@@ -16,6 +16,11 @@ _Q = ("activation_batch", "activation_length", "activation_heads", None)
 _KV = ("activation_batch", "activation_length", "activation_kv_heads", None)
 
 
+# cuDNN's fused attention rejects some sequence lengths (jax 0.11.2 on H100: "Unsupported sequence
+# length Q 4133, KV 4133"); whole multiples of 128 are always taken.
+CUDNN_SEQ_MULTIPLE = 128
+
+
 def _cudnn_suits(q) -> bool:
     """cuDNN flash attention: NVIDIA GPU, half-precision operands, head_dim a multiple of 8 up to 128."""
     return (jax.default_backend() == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16)
@@ -39,11 +44,6 @@ def causal_attention(q, k, v, *, segment_ids=None, implementation=None):
     if implementation == "cudnn":
         return padded_causal(attend, q, k, v, CUDNN_SEQ_MULTIPLE)
     return attend(q, k, v)
-
-
-# cuDNN's fused attention rejects some sequence lengths (jax 0.11.2 on H100: "Unsupported sequence
-# length Q 4133, KV 4133"); whole multiples of 128 are always taken.
-CUDNN_SEQ_MULTIPLE = 128
 
 
 def padded_causal(attend, q, k, v, multiple):

@@ -109,6 +109,48 @@ def bwd_dv(q, k, do, dS, D, b, prec):
     return mm(P.astype(cd), do, ta=True, precision=prec) + b * mm(k, dS.astype(cd), precision=prec)
 
 
+def pow2_at_least(n: int) -> int:
+    return 1 << max(0, (int(n) - 1).bit_length())
+
+
+def segment_join(M, lam, s_in, *, T, C, L, reverse=False, reset=None):
+    """States entering each of P segments of L chunks ``E [B, H, P, Dy, Dz]`` from the segments' local
+    states ``M`` (walks from zero) and the state entering the whole walk ``s_in`` (h0, or dht for a
+    reverse walk). ``reset [B, P]`` (packed documents): a document starts in segment p, so no state
+    crosses it.
+
+    With R_p = min(T, p L C) the real rows before segment p (trailing segments may be short or empty):
+    forward  E_p = sum_{j<p} exp(-lam (R_p - R_{j+1})) M_j + exp(-lam R_p) h0,
+    reverse  E_p = sum_{j>p} exp(-lam (R_j - R_{p+1})) M_j + exp(-lam (T - R_{p+1})) dht.
+    """
+    P = M.shape[2]
+    lam = lam.astype(F32)[:, None, None]
+    R = jnp.minimum(jnp.arange(P + 1, dtype=F32) * float(L * C), float(T))
+    p = jnp.arange(P)
+    if not reverse:
+        expo, valid = R[:P, None] - R[None, 1:], p[:, None] > p[None, :]
+        w0 = jnp.exp(-lam[:, :, 0] * R[None, :P])
+    else:
+        expo, valid = R[None, :P] - R[1:, None], p[None, :] > p[:, None]
+        w0 = jnp.exp(-lam[:, :, 0] * (float(T) - R[None, 1:]))
+    W = jnp.where(valid[None], jnp.exp(-lam * jnp.maximum(expo, 0.0)[None]), 0.0)
+    if reset is None:
+        E = jnp.einsum("hpj,bhjyz->bhpyz", W, M, precision=lax.Precision.HIGHEST)
+        return E + w0[None, :, :, None, None] * s_in[:, :, None]
+    # Packed documents: a state crosses only segments in which no document starts.
+    cnt = jnp.cumsum(reset.astype(jnp.int32), axis=1)  # [B, P], resets in segments 0..p
+    cnt0 = jnp.concatenate([jnp.zeros_like(cnt[:, :1]), cnt], axis=1)  # [B, P + 1], resets before p
+    if not reverse:  # j < p crosses j+1 .. p-1; h0 crosses 0 .. p-1
+        clear = cnt0[:, :P][:, :, None] == cnt0[:, 1:][:, None, :]  # [B, p, j]: cnt0[p] == cnt0[j + 1]
+        clear0 = cnt0[:, :P] == 0
+    else:  # j > p crosses p+1 .. j-1; dht crosses p+1 .. P-1
+        clear = cnt0[:, 1:][:, :, None] == cnt0[:, :P][:, None, :]  # [B, p, j]: cnt0[p + 1] == cnt0[j]
+        clear0 = cnt[:, -1:] == cnt0[:, 1:]
+    Wb = W[None] * clear[:, None].astype(F32)  # [B, H, P, P]
+    E = jnp.einsum("bhpj,bhjyz->bhpyz", Wb, M, precision=lax.Precision.HIGHEST)
+    return E + (w0[None] * clear0[:, None].astype(F32))[..., None, None] * s_in[:, :, None]
+
+
 def pad_time(x, Tp):
     T = x.shape[2]
     if Tp == T:

@@ -21,7 +21,7 @@ dV a reverse walk over (K, Q, dO) from dht, whose final state is d(h0); dK a rev
 (V, dO, Q) from dht^T.
 
 Segments: when B * H * tiles is too small to fill the GPU (prefill), every walk is split into P
-segments: state-only walks from zero, an XLA join (``_join``), then the walk from each segment's
+segments: state-only walks from zero, an XLA join (``common.segment_join``), then the walk from each segment's
 entering state. Packed documents (``segment_ids``, ``doc_bounds``) mask P, a, b and g per chunk and
 stop states at document starts in the join.
 
@@ -43,6 +43,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
+from pallas_kernels.lightning import common as cm
 from pallas_kernels.lightning import gpu_triton
 
 F32 = jnp.float32
@@ -129,10 +130,13 @@ def _walk_kernel(*refs, T, C, L, BV, Dy, steps, dtype, reverse, with_out, docs, 
     lam = lam_smem[0]  # scalar rate of this head
     rows = iota((C,), 0, row_layout).astype(F32)
 
-    r2, c2 = (iota((C, C), 0, wg), iota((C, C), 1, wg)) if with_out else (None, None)
+    c2 = M = None
     if with_out:  # intra-chunk decay mask, built once: D (forward) or D^T (reverse walk)
+        r2, c2 = iota((C, C), 0, wg), iota((C, C), 1, wg)
         dist = (c2 - r2) if reverse else (r2 - c2)
         M = jnp.where(dist >= 0, jnp.exp(-lam * jnp.maximum(dist, 0).astype(F32)), zeros((C, C)))
+    # the chunk a pipeline step visits: reverse walks take a segment's chunks last to first
+    chunk = (lambda i: si * L + L - 1 - i) if reverse else (lambda i: si * L + i)
 
     def bcast(row, width):
         return lax.broadcast_in_dim(row, (C, width), [0])
@@ -141,8 +145,7 @@ def _walk_kernel(*refs, T, C, L, BV, Dy, steps, dtype, reverse, with_out, docs, 
         if docs:
             first_smem, last_smem, *bufs = bufs
         x_smem, y_smem, z_smem, S = bufs if with_out else [None] + list(bufs)
-        local = (L - 1 - idx[0]) if reverse else idx[0]
-        n = si * L + local
+        n = chunk(idx[0])
         # Real rows of this chunk: the last may be short, chunks past T have none (identity steps).
         m = jnp.clip(T - n * C, 0, C).astype(F32)
         # a and b as [C] row vectors and g (padded rows are zero in every input, so b's exponent is
@@ -150,7 +153,7 @@ def _walk_kernel(*refs, T, C, L, BV, Dy, steps, dtype, reverse, with_out, docs, 
         a = jnp.exp(-lam * (rows + 1.0))
         b = jnp.exp(-lam * jnp.maximum(m - 1.0 - rows, 0.0))
         g = jnp.exp(-lam * m)
-        M_chunk = M if with_out else None
+        M_chunk = M
         if docs:  # packed documents: see doc_bounds
             first, last = load_rows(first_smem), load_rows(last_smem)
             a = jnp.where(first < 0, a, zeros((C,)))  # rows that continue the entering state's document
@@ -202,7 +205,6 @@ def _walk_kernel(*refs, T, C, L, BV, Dy, steps, dtype, reverse, with_out, docs, 
         return S_new
 
     tiling, swizzle = _transforms(dtype)
-    chunk = (lambda n: si * L + L - 1 - n) if reverse else (lambda n: si * L + n)
     spec = lambda width, im: plgpu.BlockSpec(block_shape=(C, width), index_map=im, transforms=(tiling, swizzle))
     specs = [spec(Dy, lambda n: (chunk(n), 0)), spec(BV, lambda n: (chunk(n), ji))]
     srcs = [y_ref.at[bi, hi], z_ref.at[bi, hi]]
@@ -306,42 +308,6 @@ def doc_bounds(segment_ids, Tp, C, P) -> DocBounds:
     return DocBounds(first.astype(jnp.int32), last.astype(jnp.int32), start.reshape(B, P, -1).any(-1))
 
 
-def _join(M, lam, s_in, *, T, C, L, reverse, reset=None):
-    """States entering each segment ``E [B, H, P, Dy, Dz]`` from the segments' local states ``M``
-    (walks from zero) and the state entering the whole walk ``s_in`` (h0, or dht for a reverse walk).
-
-    With R_p = min(T, p L C) the real rows before segment p (trailing segments may be short or empty):
-    forward  E_p = sum_{j<p} exp(-lam (R_p - R_{j+1})) M_j + exp(-lam R_p) h0,
-    reverse  E_p = sum_{j>p} exp(-lam (R_j - R_{p+1})) M_j + exp(-lam (T - R_{p+1})) dht.
-    """
-    P = M.shape[2]
-    lam = lam.astype(F32)[:, None, None]
-    R = jnp.minimum(jnp.arange(P + 1, dtype=F32) * float(L * C), float(T))
-    p = jnp.arange(P)
-    if not reverse:
-        expo, valid = R[:P, None] - R[None, 1:], p[:, None] > p[None, :]
-        w0 = jnp.exp(-lam[:, :, 0] * R[None, :P])
-    else:
-        expo, valid = R[None, :P] - R[1:, None], p[None, :] > p[:, None]
-        w0 = jnp.exp(-lam[:, :, 0] * (float(T) - R[None, 1:]))
-    W = jnp.where(valid[None], jnp.exp(-lam * jnp.maximum(expo, 0.0)[None]), 0.0)
-    if reset is None:
-        E = jnp.einsum("hpj,bhjyz->bhpyz", W, M, precision=lax.Precision.HIGHEST)
-        return E + w0[None, :, :, None, None] * s_in[:, :, None]
-    # Packed documents: a state crosses only segments in which no document starts.
-    cnt = jnp.cumsum(reset.astype(jnp.int32), axis=1)  # [B, P], resets in segments 0..p
-    cnt0 = jnp.concatenate([jnp.zeros_like(cnt[:, :1]), cnt], axis=1)  # [B, P + 1], resets before p
-    if not reverse:  # j < p crosses j+1 .. p-1; h0 crosses 0 .. p-1
-        clear = cnt0[:, :P][:, :, None] == cnt0[:, 1:][:, None, :]  # [B, p, j]: cnt0[p] == cnt0[j + 1]
-        clear0 = cnt0[:, :P] == 0
-    else:  # j > p crosses p+1 .. j-1; dht crosses p+1 .. P-1
-        clear = cnt0[:, 1:][:, :, None] == cnt0[:, :P][:, None, :]  # [B, p, j]: cnt0[p + 1] == cnt0[j]
-        clear0 = cnt[:, -1:] == cnt0[:, 1:]
-    Wb = W[None] * clear[:, None].astype(F32)  # [B, H, P, P]
-    E = jnp.einsum("bhpj,bhjyz->bhpyz", Wb, M, precision=lax.Precision.HIGHEST)
-    return E + (w0[None] * clear0[:, None].astype(F32))[..., None, None] * s_in[:, :, None]
-
-
 def _entering_states(y, z, lam, s_in, *, T, C, P, reverse, BV, steps, interpret, docs=None):
     """The state entering each of P segments: local state-only walks from zero, then the join."""
     if P == 1:
@@ -350,8 +316,8 @@ def _entering_states(y, z, lam, s_in, *, T, C, P, reverse, BV, steps, interpret,
     zeros = jnp.zeros((B, H, P, Dy, z.shape[-1]), F32)
     _, M = _walk(None, y, z, lam, zeros, T=T, C=C, reverse=reverse, BV=BV, steps=steps, with_out=False,
                  docs=docs, interpret=interpret)
-    return _join(M, lam, s_in.astype(F32), T=T, C=C, L=(y.shape[2] // C) // P, reverse=reverse,
-                 reset=None if docs is None else docs.reset)
+    return cm.segment_join(M, lam, s_in.astype(F32), T=T, C=C, L=(y.shape[2] // C) // P, reverse=reverse,
+                           reset=None if docs is None else docs.reset)
 
 
 def _pad_chunks(xs, C, P):

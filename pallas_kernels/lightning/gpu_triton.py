@@ -175,21 +175,28 @@ def _states_kernel(lam_ref, k_ref, v_ref, h0_ref, s_ref, ht_ref, *, T, C, N, pre
     ht_ref[...] = lax.fori_loop(0, N, body, h0_ref[...].astype(F32))
 
 
-def chunk_states(k, v, decay, h0, *, T, C, BK=64, BV=64, num_warps=4, num_stages=2, interpret=False):
-    """States entering every chunk ``[B, H, N, Dk, Dv]`` (in k's dtype) and the final state (float32)."""
-    B, H, Tp, Dk = k.shape
-    Dv = v.shape[-1]
+def _walk_states(kernel, x, y, decay, s_in, *, T, C, BK, BV, num_warps, num_stages, interpret, name):
+    """A sequential walk per (b, h, BK x BV state tile) over x [.., Tp, Dk] and y [.., Tp, Dv]: the state
+    at every chunk ``[B, H, N, Dk, Dv]`` (in x's dtype) and the state it ends with (float32)."""
+    B, H, Tp, Dk = x.shape
+    Dv = y.shape[-1]
     BK, BV = min(BK, Dk), min(BV, Dv)
     N = Tp // C
-    kern = functools.partial(_states_kernel, T=T, C=C, N=N, prec=cm.precision_for(k.dtype))
+    kern = functools.partial(kernel, T=T, C=C, N=N, prec=cm.precision_for(x.dtype))
     lam = pl.BlockSpec((1,), lambda b, h, i, j: (h,))
-    ks = pl.BlockSpec((None, None, Tp, BK), lambda b, h, i, j: (b, h, 0, i))
-    vs = pl.BlockSpec((None, None, Tp, BV), lambda b, h, i, j: (b, h, 0, j))
+    xs = pl.BlockSpec((None, None, Tp, BK), lambda b, h, i, j: (b, h, 0, i))
+    ys = pl.BlockSpec((None, None, Tp, BV), lambda b, h, i, j: (b, h, 0, j))
     st = pl.BlockSpec((None, None, BK, BV), lambda b, h, i, j: (b, h, i, j))
     ss = pl.BlockSpec((None, None, N, BK, BV), lambda b, h, i, j: (b, h, 0, i, j))
-    return _call(kern, (jax.ShapeDtypeStruct((B, H, N, Dk, Dv), k.dtype), jax.ShapeDtypeStruct((B, H, Dk, Dv), F32)),
-                 (B, H, Dk // BK, Dv // BV), [lam, ks, vs, st], (ss, st), num_warps=num_warps,
-                 num_stages=num_stages, interpret=interpret, name="lightning_chunk_states")(decay, k, v, h0)
+    return _call(kern, (jax.ShapeDtypeStruct((B, H, N, Dk, Dv), x.dtype), jax.ShapeDtypeStruct((B, H, Dk, Dv), F32)),
+                 (B, H, Dk // BK, Dv // BV), [lam, xs, ys, st], (ss, st), num_warps=num_warps,
+                 num_stages=num_stages, interpret=interpret, name=name)(decay, x, y, s_in)
+
+
+def chunk_states(k, v, decay, h0, *, T, C, BK=64, BV=64, num_warps=4, num_stages=2, interpret=False):
+    """States entering every chunk ``[B, H, N, Dk, Dv]`` (in k's dtype) and the final state (float32)."""
+    return _walk_states(_states_kernel, k, v, decay, h0, T=T, C=C, BK=BK, BV=BV, num_warps=num_warps,
+                        num_stages=num_stages, interpret=interpret, name="lightning_chunk_states")
 
 
 def _out_kernel(lam_ref, q_ref, k_ref, v_ref, s_ref, o_ref, *, C, prec):
@@ -239,21 +246,9 @@ def _dstates_kernel(lam_ref, q_ref, do_ref, dht_ref, ds_ref, dh0_ref, *, T, C, N
 
 def chunk_dstates(q, do, decay, dht, *, T, C, BK=64, BV=64, num_warps=4, num_stages=2, interpret=False):
     """Cotangents of the states leaving every chunk ``[B, H, N, Dk, Dv]`` and d(initial_state)."""
-    B, H, Tp, Dk = q.shape
-    Dv = do.shape[-1]
-    BK, BV = min(BK, Dk), min(BV, Dv)
-    N = Tp // C
-    prec = cm.precision_for(q.dtype)
     # The chunk decay uses each chunk's real rows (the last may be short; padded rows have q = dO = 0).
-    kern = functools.partial(_dstates_kernel, T=T, C=C, N=N, prec=prec)
-    lam = pl.BlockSpec((1,), lambda b, h, i, j: (h,))
-    qs = pl.BlockSpec((None, None, Tp, BK), lambda b, h, i, j: (b, h, 0, i))
-    dos = pl.BlockSpec((None, None, Tp, BV), lambda b, h, i, j: (b, h, 0, j))
-    st = pl.BlockSpec((None, None, BK, BV), lambda b, h, i, j: (b, h, i, j))
-    ss = pl.BlockSpec((None, None, N, BK, BV), lambda b, h, i, j: (b, h, 0, i, j))
-    return _call(kern, (jax.ShapeDtypeStruct((B, H, N, Dk, Dv), q.dtype), jax.ShapeDtypeStruct((B, H, Dk, Dv), F32)),
-                 (B, H, Dk // BK, Dv // BV), [lam, qs, dos, st], (ss, st), num_warps=num_warps,
-                 num_stages=num_stages, interpret=interpret, name="lightning_chunk_dstates")(decay, q, do, dht)
+    return _walk_states(_dstates_kernel, q, do, decay, dht, T=T, C=C, BK=BK, BV=BV, num_warps=num_warps,
+                        num_stages=num_stages, interpret=interpret, name="lightning_chunk_dstates")
 
 
 def _dqdk_kernel(lam_ref, q_ref, k_ref, v_ref, do_ref, s_ref, ds_ref, dq_ref, dk_ref, *, T, C, prec):

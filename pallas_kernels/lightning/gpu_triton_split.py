@@ -41,16 +41,10 @@ def pick_segment(N, target):
 
 def _join(M, decay, h0, *, T, C, L):
     """Segment entering states ``Z [B, H, P, Dk, Dv]`` and the final state from the segments' local
-    final states ``M`` (float32, exponents clamped before exp)."""
-    P = M.shape[2]
-    lam = decay.astype(F32)
-    pidx = jnp.arange(P, dtype=F32)
-    diff = pidx[:, None] - 1.0 - pidx[None, :]  # p - 1 - j
-    W = jnp.exp(jnp.where(diff[None] >= 0, -lam[:, None, None] * (L * C) * jnp.maximum(diff, 0.0)[None], -jnp.inf))
-    Z = jnp.einsum("hpj,bhjkv->bhpkv", W, M, precision=lax.Precision.HIGHEST)
-    Z = Z + jnp.exp(-lam[:, None] * (L * C) * pidx[None])[None, :, :, None, None] * h0[:, :, None]
-    last_rows = float(T - (P - 1) * L * C)
-    ht = jnp.exp(-lam * last_rows)[None, :, None, None] * Z[:, :, -1] + M[:, :, -1]
+    final states ``M`` (float32)."""
+    Z = cm.segment_join(M, decay, h0, T=T, C=C, L=L)
+    last_rows = float(T - (M.shape[2] - 1) * L * C)
+    ht = jnp.exp(-decay.astype(F32) * last_rows)[None, :, None, None] * Z[:, :, -1] + M[:, :, -1]
     return Z, ht
 
 

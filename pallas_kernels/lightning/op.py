@@ -7,6 +7,7 @@ import os
 import jax
 import jax.numpy as jnp
 
+from pallas_kernels.lightning import common as cm
 from pallas_kernels.lightning import reference, vjp
 from pallas_kernels.lightning.vjp import KernelConfig
 
@@ -97,9 +98,6 @@ def lightning_attention(q, k, v, decay, *, initial_state=None, block_size=None, 
     return vjp.lightning_pallas(q, k, v, decay, initial_state, cfg, segment_ids)
 
 
-def _pow2_at_least(n: int) -> int:
-    return 1 << max(0, (int(n) - 1).bit_length())
-
 
 # GPU defaults (tuned on H100, see docs/benchmarks/lightning_attention.md). Tuning keys prefixed
 # ``fwd_``/``bwd_`` apply to one direction only.
@@ -146,7 +144,7 @@ def choose_kernel(backend, q_shape, dv, dtype, block_size=None, interpret=False,
     if C & (C - 1):
         raise ValueError(f"lightning_attention: backend 'pallas_gpu' needs a power-of-two block_size; got {C}")
     if impl != "mosaic_gpu":  # short sequences get a smaller chunk; the Mosaic kernel is built for 64
-        C = max(16, min(C, _pow2_at_least(T)))
+        C = max(16, min(C, cm.pow2_at_least(T)))
     user = dict(tuning or {})
     tun = {**dict(defaults["tuning"]), **user}  # the caller's keys override single defaults
     if block_size is not None:  # an explicit chunk applies to both directions unless tuned per direction
@@ -155,7 +153,7 @@ def choose_kernel(backend, q_shape, dv, dtype, block_size=None, interpret=False,
                 tun.pop(key, None)
     for key in ("fwd_block_size", "bwd_block_size"):
         if key in tun:
-            tun[key] = max(16, min(int(tun[key]), _pow2_at_least(T)))
+            tun[key] = max(16, min(int(tun[key]), cm.pow2_at_least(T)))
     return KernelConfig(impl, int(C), bool(interpret), tuple(sorted(tun.items())))
 
 

@@ -92,9 +92,6 @@ def _make_op(cfg: KernelConfig, T: int):
     return op
 
 
-def _pow2_at_least(n: int) -> int:
-    return 1 << max(0, (int(n) - 1).bit_length())
-
 
 def lightning_pallas(q, k, v, decay, initial_state, cfg: KernelConfig, segment_ids=None):
     """Pads T to a multiple of the chunk (and, for the GPU kernels, head dims to a power of two >= 16,
@@ -114,7 +111,7 @@ def lightning_pallas(q, k, v, decay, initial_state, cfg: KernelConfig, segment_i
     if cfg.impl != "tpu":  # Triton blocks must be powers of two; the tiles must divide the head dims
         # (the Mosaic kernel takes head dims in multiples of 64)
         low = 64 if cfg.impl == "mosaic_gpu" else 16
-        Dkp, Dvp = max(low, _pow2_at_least(Dk)), max(low, _pow2_at_least(Dv))
+        Dkp, Dvp = max(low, cm.pow2_at_least(Dk)), max(low, cm.pow2_at_least(Dv))
     if (Dkp, Dvp) != (Dk, Dv):
         padd = lambda x, d: jnp.pad(x, ((0, 0),) * (x.ndim - 1) + ((0, d - x.shape[-1]),))
         qp, kp, vp = padd(qp, Dkp), padd(kp, Dkp), padd(vp, Dvp)

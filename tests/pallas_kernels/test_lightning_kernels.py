@@ -46,10 +46,12 @@ def value_and_grads(f, x):
     return [jnp.asarray(a, jnp.float32) for a in (o, ht, *grads)]
 
 
-def reference_f32(x):
+def reference_f32(x, segment_ids=None):
     f32 = {k: (v.astype(jnp.float32) if hasattr(v, "astype") else v) for k, v in x.items()}
-    o, ht = reference.lightning_attention_recurrent(f32["q"], f32["k"], f32["v"], f32["decay"], f32["h0"])
-    chunked = lambda q, k, v, d, initial_state: reference.lightning_attention_chunked(q, k, v, d, initial_state, 32)
+    o, ht = reference.lightning_attention_recurrent(f32["q"], f32["k"], f32["v"], f32["decay"], f32["h0"],
+                                                    segment_ids=segment_ids)
+    chunked = lambda q, k, v, d, initial_state: reference.lightning_attention_chunked(
+        q, k, v, d, initial_state, 32, segment_ids=segment_ids)
     _, _, *grads = value_and_grads(chunked, f32)
     return [o, ht, *grads]
 

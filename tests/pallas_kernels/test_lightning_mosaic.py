@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from pallas_kernels.lightning import common as cm
 from pallas_kernels.lightning import gpu_mosaic
 from pallas_kernels.lightning import op as lop
 from pallas_kernels.lightning import reference
@@ -102,8 +103,8 @@ def test_join_matches_sequential_segments():
         for p in order:
             want[:, :, p] = E
             E = np.exp(-lam * rows[p])[None, :, None, None] * E + M[:, :, p]
-        got = gpu_mosaic._join(jnp.asarray(M, jnp.float32), jnp.asarray(lam, jnp.float32),
-                               jnp.asarray(s_in, jnp.float32), T=T, C=C, L=L, reverse=reverse)
+        got = cm.segment_join(jnp.asarray(M, jnp.float32), jnp.asarray(lam, jnp.float32),
+                              jnp.asarray(s_in, jnp.float32), T=T, C=C, L=L, reverse=reverse)
         np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-5)
 
 
@@ -145,16 +146,6 @@ def _segment_ids(T, starts_per_row):
     return jnp.asarray(seg)
 
 
-def _packed_reference(x, seg):
-    f32 = {k: (v.astype(jnp.float32) if hasattr(v, "astype") else v) for k, v in x.items()}
-    o, ht = reference.lightning_attention_recurrent(f32["q"], f32["k"], f32["v"], f32["decay"], f32["h0"],
-                                                    segment_ids=seg)
-    chunked = lambda q, k, v, d, initial_state: reference.lightning_attention_chunked(  # noqa: E731
-        q, k, v, d, initial_state, 32, segment_ids=seg)
-    _, _, *grads = value_and_grads(chunked, f32)
-    return [o, ht, *grads]
-
-
 @pytest.mark.parametrize("T,segments,starts", [
     (3 * 64 + 5, 1, ([5, 6, 64, 100, 130], [63, 64, 65])),  # one-token documents, starts at chunk edges
     (9 * 64 + 7, 2, ([128, 259, 260, 500], [320, 321])),  # a start at a segment's first row (320)
@@ -170,7 +161,7 @@ def test_mosaic_packed_documents(T, segments, starts):
     f = lambda q, k, v, d, initial_state: lop.lightning_attention_kernel(  # noqa: E731
         q, k, v, d, initial_state=initial_state, impl="mosaic_gpu", interpret=True,
         tuning={"segments": segments}, segment_ids=seg)
-    assert_close(value_and_grads(f, x), _packed_reference(x, seg), 2e-5)
+    assert_close(value_and_grads(f, x), reference_f32(x, seg), 2e-5)
 
 
 def test_mosaic_packed_documents_bf16():
@@ -178,7 +169,7 @@ def test_mosaic_packed_documents_bf16():
     seg = _segment_ids(150, ([40, 64, 90],))
     f = lambda q, k, v, d, initial_state: lop.lightning_attention_kernel(  # noqa: E731
         q, k, v, d, initial_state=initial_state, impl="mosaic_gpu", interpret=True, segment_ids=seg)
-    assert_close(value_and_grads(f, x), _packed_reference(x, seg), 2e-2)
+    assert_close(value_and_grads(f, x), reference_f32(x, seg), 2e-2)
 
 
 def test_doc_bounds_against_a_loop():
@@ -204,7 +195,7 @@ def test_packed_rows_route(monkeypatch):
     from pallas_kernels.lightning import vjp
     x = make(1, 2, 100, 64, jnp.bfloat16, seed=4)
     seg = _segment_ids(100, ([30, 70],))
-    want = _packed_reference(x, seg)[:2]
+    want = reference_f32(x, seg)[:2]
     calls = []
     real = vjp.lightning_pallas
     monkeypatch.setattr(vjp, "lightning_pallas", lambda *a, **k: calls.append(a[5].impl) or real(*a, **k))
