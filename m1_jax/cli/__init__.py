@@ -12,7 +12,7 @@ import sys
 SUBCOMMANDS = {
     "convert": ("m1_jax.convert.cli", "checkpoint conversion: hf-to-orbax, orbax-to-hf (see docs/conversion.md)"),
     "flops": ("m1_jax.flops", "analytic FLOPs table and the paper's figure (see docs/flops.md)"),
-    "generate": ("m1_jax.generate_cli", "continue prompts with a checkpoint (cached decoding, sampling)"),
+    "generate": ("m1_jax.cli.generate", "continue prompts with a checkpoint (cached decoding, sampling)"),
     "train": ("m1_jax.train", "pretraining from gin configs (same as python train.py; see docs/training.md)"),
     "demo": ("m1_jax.demo", "train the tiny preset on the bundled corpus for a few steps"),
 }
