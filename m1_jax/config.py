@@ -12,10 +12,11 @@ import dataclasses
 import math
 from typing import Any, Mapping
 
+from m1_jax.dtypes import DTYPE_NAMES as DTYPES  # names only; the table is m1_jax.dtypes
+
 LINEAR = "linear_attention"
 FULL = "full_attention"
 LAYER_TYPES = (LINEAR, FULL)
-DTYPES = ("float32", "bfloat16", "float16")
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
 # "ragged"/"dense": single-program expert compute (GSPMD shards it like any einsum).
 # "ep_capacity"/"ep_ragged": expert-parallel dispatch under shard_map (sharding.moe_dispatch): a
@@ -28,6 +29,13 @@ _M1_ALPHA = 3.5565588200778455
 
 class ConfigError(ValueError):
     """A config field has a value the architecture cannot use."""
+
+
+def require(cond: bool, obj: Any, field: str, expected: str) -> None:
+    """The one validator of every config dataclass: raise ``ConfigError`` naming
+    ``Class.field``, its value and what was expected, unless ``cond``."""
+    if not cond:
+        raise ConfigError(f"{type(obj).__name__}.{field} = {getattr(obj, field)!r} is invalid: expected {expected}")
 
 
 def _pattern(period_types: tuple[str, ...], num_layers: int) -> tuple[str, ...]:
@@ -96,10 +104,7 @@ class ModelConfig:
     # ------------------------------------------------------------------ validation
     def validate(self) -> None:
         def need(cond: bool, field: str, expected: str) -> None:
-            if not cond:
-                raise ConfigError(
-                    f"ModelConfig.{field} = {getattr(self, field)!r} is invalid: expected {expected}"
-                )
+            require(cond, self, field, expected)
 
         for f in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "head_dim",
                   "num_key_value_heads", "intermediate_size", "num_local_experts", "num_experts_per_tok",

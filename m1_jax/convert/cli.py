@@ -9,7 +9,7 @@ import sys
 from m1_jax.config import ConfigError
 from m1_jax.convert.errors import CheckpointError
 
-DTYPES = ("float32", "bfloat16", "float16")
+from m1_jax.dtypes import DTYPE_NAMES as DTYPES
 
 
 def parser() -> argparse.ArgumentParser:

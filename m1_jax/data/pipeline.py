@@ -30,6 +30,7 @@ import grain
 import grain.experimental as grain_exp
 import numpy as np
 
+from m1_jax.config import require
 from m1_jax.data.sources import BUNDLED, make_source
 from m1_jax.data.tokenizer import make_tokenizer
 
@@ -63,8 +64,7 @@ class DataConfig:
 
     def validate(self, process_count: int = 1) -> None:
         def need(cond, field, expected):
-            if not cond:
-                raise ValueError(f"DataConfig.{field} = {getattr(self, field)!r} is invalid: expected {expected}")
+            require(cond, self, field, expected)
 
         need(isinstance(self.source, str) and self.source, "source", "a path, glob or 'tinyshakespeare'")
         need(isinstance(self.tokenizer, str) and self.tokenizer, "tokenizer", "'byte' or a tokenizer.json path")

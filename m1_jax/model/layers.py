@@ -8,11 +8,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
-
-
-def as_dtype(name: str):
-    return _DTYPES[name]
+from m1_jax.dtypes import as_dtype  # noqa: F401  (re-exported: model code imports it from here)
 
 
 def param(rngs: nnx.Rngs | None, shape: Sequence[int], axes: Sequence[str | None], dtype,

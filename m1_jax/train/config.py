@@ -24,7 +24,7 @@ from typing import Any, Sequence
 import gin
 
 import sharding
-from m1_jax.config import ConfigError, ModelConfig
+from m1_jax.config import ConfigError, ModelConfig, require
 from m1_jax.data.pipeline import DataConfig
 from m1_jax.train.optimizer import OptimizerConfig
 
@@ -78,8 +78,7 @@ class TrainConfig:
 
     def validate(self) -> None:
         def need(cond, field, expected):
-            if not cond:
-                raise ConfigError(f"TrainConfig.{field} = {getattr(self, field)!r} is invalid: expected {expected}")
+            require(cond, self, field, expected)
 
         need(isinstance(self.steps, int) and self.steps > 0, "steps", "a positive integer")
         need(self.stop_after is None or (isinstance(self.stop_after, int) and 0 < self.stop_after <= self.steps),

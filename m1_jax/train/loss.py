@@ -18,7 +18,9 @@ import functools
 import jax
 import jax.numpy as jnp
 
-_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+from m1_jax.dtypes import as_dtype
+
+HEAD_DTYPES = ("float32", "bfloat16")
 
 
 def _chunks(x, n_chunks, chunk):
@@ -56,7 +58,7 @@ def _run(h, w, targets, mask, z_coef, chunk_size, head_dtype, with_grad):
         tf = jnp.pad(tf, (0, pad))
         mf = jnp.pad(mf, (0, pad))
     n = (N + pad) // chunk
-    dt = _DTYPES[head_dtype]
+    dt = as_dtype(head_dtype)
     xs = (_chunks(hf, n, chunk), _chunks(tf, n, chunk), _chunks(mf, n, chunk))
 
     def body(carry, x):
@@ -107,8 +109,8 @@ def chunked_cross_entropy(h, w, targets, mask, *, z_loss_coef: float = 0.0, chun
       ``(loss, {"ce": mean cross-entropy, "z_loss": mean lse^2, "tokens": mask sum})``; ``loss`` is
       ``ce + z_loss_coef * z_loss`` and is what the gradient is of.
     """
-    if head_dtype not in _DTYPES:
-        raise ValueError(f"head_dtype = {head_dtype!r}: expected one of {sorted(_DTYPES)}")
+    if head_dtype not in HEAD_DTYPES:
+        raise ValueError(f"head_dtype = {head_dtype!r}: expected one of {HEAD_DTYPES}")
     mask = jax.lax.stop_gradient(mask.astype(jnp.float32))
     ntok = jnp.maximum(jnp.sum(mask), 1.0)
     obj, ce_sum, z_sum = _sums(h, w, targets.astype(jnp.int32), mask, float(z_loss_coef), int(chunk_size),

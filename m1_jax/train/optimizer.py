@@ -10,6 +10,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from m1_jax.config import require
+
 SCHEDULES = ("cosine", "wsd", "constant")
 
 
@@ -33,8 +35,7 @@ class OptimizerConfig:
 
     def validate(self, total_steps: int) -> None:
         def need(cond, field, expected):
-            if not cond:
-                raise ValueError(f"OptimizerConfig.{field} = {getattr(self, field)!r} is invalid: expected {expected}")
+            require(cond, self, field, expected)
 
         need(self.learning_rate > 0 and math.isfinite(self.learning_rate), "learning_rate", "a positive number")
         need(self.schedule in SCHEDULES, "schedule", f"one of {SCHEDULES}")
