@@ -4,9 +4,10 @@ from m1_jax.convert.errors import CheckpointError
 from m1_jax.convert.hf_export import save_hf_checkpoint
 from m1_jax.convert.hf_import import load_hf_checkpoint, plan_import
 from m1_jax.convert.mapping import hf_key_map
+from m1_jax.convert.training_checkpoint import load_training_checkpoint
 
-__all__ = ["CheckpointError", "hf_key_map", "load_hf_checkpoint", "plan_import", "save_hf_checkpoint",
-           "save_orbax", "restore_orbax", "hf_to_orbax", "orbax_to_hf"]
+__all__ = ["CheckpointError", "hf_key_map", "load_hf_checkpoint", "load_training_checkpoint", "plan_import",
+           "save_hf_checkpoint", "save_orbax", "restore_orbax", "hf_to_orbax", "orbax_to_hf"]
 
 
 def __getattr__(name):
