@@ -11,8 +11,9 @@ from flax import nnx
 
 from m1_jax.config import FULL, ModelConfig
 from m1_jax.convert.errors import CheckpointError
-from m1_jax.convert.hf_import import abstract_model, plan_import
+from m1_jax.convert.hf_import import plan_import
 from m1_jax.convert.safetensors_io import SafetensorsFolder
+from m1_jax.model import abstract_model
 
 
 @dataclasses.dataclass
@@ -49,7 +50,7 @@ class Report:
 
 def abstract_param_count(config: ModelConfig) -> tuple[int, int]:
     """``(number of parameter leaves, number of parameters)`` via ``jax.eval_shape`` (nothing allocated)."""
-    state = nnx.state(abstract_model(config), nnx.Param)
+    _, state = abstract_model(config)
     leaves = jax.tree.leaves(state)
     return len(leaves), sum(math.prod(x.shape) for x in leaves)
 

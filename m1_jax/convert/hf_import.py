@@ -25,7 +25,7 @@ from m1_jax.convert.mapping import (DERIVED_KEY, FusedPart, Target, fused_key_ma
                                     leaf_sources, take_fused, to_ours)
 from m1_jax.convert.safetensors_io import (INDEX_NAME, NAME_TO_ST, ST_TO_NAME, ST_TO_NP, SafetensorsFolder,
                                            TensorReader)
-from m1_jax.model import MiniMaxForCausalLM
+from m1_jax.model import abstract_model
 
 _LAYER_KEY = re.compile(r"^model\.layers\.(\d+)\.(.*)$")
 _EXPERT_KEY = re.compile(r"block_sparse_moe\.experts\.(\d+)\.")
@@ -33,11 +33,6 @@ _LIGHTNING_PARTS = ("qkv_proj", "output_gate", "out_proj", "self_attn.norm.")
 _SOFTMAX_PARTS = ("q_proj", "k_proj", "v_proj", "o_proj")
 _FLOAT_ST = ("F32", "BF16", "F16")
 _ROUTER_KEY = re.compile(r"^model\.layers\.\d+\.(block_sparse_moe|mlp)\.gate\.weight$")
-
-
-def abstract_model(config: ModelConfig):
-    """The model's graph and parameter shapes without allocating anything."""
-    return nnx.eval_shape(lambda: MiniMaxForCausalLM(config, rngs=nnx.Rngs(0)))
 
 
 def config_from_hf(hf_cfg: dict, where: str, **overrides) -> ModelConfig:
@@ -324,7 +319,7 @@ def load_hf_checkpoint(path: str, *, dtype: str | None = None, mesh=None, progre
 
     plan = plan_import(path, dtype=dtype)
     config = plan.config
-    graphdef, abstract_state = nnx.split(abstract_model(config))
+    graphdef, abstract_state = abstract_model(config)
     flat = dict(nnx.to_flat_state(abstract_state))
     shardings = param_shardings(abstract_state, mesh)
     entries = leaf_entries(plan)

@@ -27,10 +27,11 @@ from m1_jax.config import ModelConfig
 from m1_jax.convert.atomic import staged_path
 from m1_jax.convert.errors import CheckpointError
 from m1_jax.convert.hf_export import write_hf_folder
-from m1_jax.convert.hf_import import (SourceReader, abstract_model, iter_leaf_pieces, leaf_entries, plan_import)
+from m1_jax.convert.hf_import import SourceReader, iter_leaf_pieces, leaf_entries, plan_import
 from m1_jax.convert.mapping import hf_key_map, to_hf
 from m1_jax.convert.placement import param_shardings
 from m1_jax.convert.progress import Progress
+from m1_jax.model import abstract_model
 
 META_KEY = "m1_jax"
 FORMAT_VERSION = 1
@@ -114,7 +115,7 @@ def restore_orbax(path: str, *, mesh=None, dtype: str | None = None):
     config = config_from_dict(meta["config"])
     if dtype is not None:
         config = config.replace(param_dtype=dtype, dtype=dtype)
-    graphdef, abstract_state = nnx.split(abstract_model(config))
+    graphdef, abstract_state = abstract_model(config)
     shardings = param_shardings(abstract_state, mesh)
     flat = dict(nnx.to_flat_state(abstract_state))
     target = _nested({p: jax.ShapeDtypeStruct(v.get_value().shape, v.get_value().dtype, sharding=shardings[p])
@@ -220,7 +221,7 @@ def hf_to_orbax(src: str, dst: str, *, dtype: str | None = None, progress: bool 
     _register_handler()
     plan = plan_import(src, dtype=dtype)
     config = plan.config
-    _, abstract_state = nnx.split(abstract_model(config))
+    _, abstract_state = abstract_model(config)
     flat = dict(nnx.to_flat_state(abstract_state))
     entries = leaf_entries(plan)
     total = sum(plan.tensor_bytes(k) for k in plan.key_map)
@@ -290,7 +291,7 @@ def _open_checked(src: str):
     src = os.path.abspath(src)
     meta = read_metadata(src)
     config = config_from_dict(meta["config"])
-    _, abstract_state = nnx.split(abstract_model(config))
+    _, abstract_state = abstract_model(config)
     flat = dict(nnx.to_flat_state(abstract_state))
     _check_tree(src, meta, {leaf_name(p) for p in flat})
     return config, meta, flat, OrbaxLeafReader(src, meta)

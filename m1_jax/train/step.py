@@ -21,16 +21,9 @@ from flax import nnx
 
 import sharding
 from m1_jax.config import ModelConfig
-from m1_jax.model import MiniMaxForCausalLM, load_balancing_loss
+from m1_jax.model import MiniMaxForCausalLM, abstract_model, load_balancing_loss  # noqa: F401 (abstract_model: callers use step.abstract_model)
 from m1_jax.train.loss import chunked_cross_entropy
 from m1_jax.train.optimizer import global_norm
-
-
-def abstract_model(config: ModelConfig, seed: int = 0):
-    """``(graphdef, abstract param state)`` without allocating parameters."""
-    model = nnx.eval_shape(lambda: MiniMaxForCausalLM(config, rngs=nnx.Rngs(seed)))
-    graphdef, params = nnx.split(model, nnx.Param)
-    return graphdef, params
 
 
 def init_state(config: ModelConfig, tx: optax.GradientTransformation, seed: int) -> dict[str, Any]:
