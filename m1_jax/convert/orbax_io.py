@@ -12,10 +12,7 @@ its files are the same format ``save_orbax`` writes and ``restore_orbax`` reads.
 
 from __future__ import annotations
 
-import ast
 import asyncio
-import dataclasses
-import json
 import os
 from typing import Callable, Iterator
 
@@ -24,52 +21,20 @@ import numpy as np
 from flax import nnx
 
 from m1_jax.config import ModelConfig
+from m1_jax.convert import training_checkpoint
 from m1_jax.convert.atomic import staged_path
 from m1_jax.convert.errors import CheckpointError
 from m1_jax.convert.hf_export import write_hf_folder
 from m1_jax.convert.hf_import import SourceReader, iter_leaf_pieces, leaf_entries, plan_import
 from m1_jax.convert.mapping import hf_key_map, to_hf
+from m1_jax.convert.orbax_meta import (FORMAT_VERSION, META_KEY, config_from_dict, config_to_dict, leaf_name,  # noqa: F401
+                                       read_metadata, read_orbax_layout, saved_leaf_names)
 from m1_jax.convert.placement import param_shardings
 from m1_jax.convert.progress import Progress
 from m1_jax.model import abstract_model
 
-META_KEY = "m1_jax"
-FORMAT_VERSION = 1
 _WRITES_IN_FLIGHT = 4
 _OCDBT_NODE_CACHE_BYTES = 16 << 20
-
-
-# ------------------------------------------------------------------------------------------- metadata
-def config_to_dict(config: ModelConfig) -> dict:
-    d = dataclasses.asdict(config)
-    d["layer_types"] = list(d["layer_types"])
-    return d
-
-
-def config_from_dict(d: dict) -> ModelConfig:
-    fields = {f.name for f in dataclasses.fields(ModelConfig)}
-    unknown = sorted(set(d) - fields)
-    if unknown:
-        raise CheckpointError(f"orbax checkpoint metadata has unknown ModelConfig fields {unknown}")
-    return ModelConfig(**d)
-
-
-def read_metadata(path: str) -> dict:
-    """The ``"m1_jax"`` custom metadata of an Orbax checkpoint written by this module."""
-    file = os.path.join(path, "_METADATA")
-    if not os.path.isfile(file):
-        raise CheckpointError(f"{path}: not an Orbax checkpoint (no _METADATA)")
-    with open(file) as f:
-        meta = json.load(f)
-    custom = meta.get("custom_metadata") or {}
-    if META_KEY not in custom:
-        raise CheckpointError(f"{path}: Orbax checkpoint without m1_jax metadata (the model config); "
-                              f"write it with m1_jax.convert.save_orbax or `m1-jax convert hf-to-orbax`")
-    out = dict(custom[META_KEY])
-    out["_use_zarr3"] = bool(meta.get("use_zarr3", False))
-    out["_use_ocdbt"] = bool(meta.get("use_ocdbt", True))
-    out["_tree_keys"] = list(meta.get("tree_metadata", {}))
-    return out
 
 
 def _metadata(config: ModelConfig, **extra) -> dict:
@@ -84,11 +49,6 @@ def _nested(flat: dict[tuple, object]) -> dict:
             d = d.setdefault(k, {})
         d[path[-1]] = v
     return out
-
-
-def leaf_name(path: tuple) -> str:
-    """Orbax's name of a leaf (its keys joined with dots)."""
-    return ".".join(str(k) for k in path)
 
 
 # ------------------------------------------------------------------------------------------- in memory
@@ -120,7 +80,7 @@ def restore_orbax(path: str, *, mesh=None, dtype: str | None = None):
     flat = dict(nnx.to_flat_state(abstract_state))
     target = _nested({p: jax.ShapeDtypeStruct(v.get_value().shape, v.get_value().dtype, sharding=shardings[p])
                       for p, v in flat.items()})
-    _check_tree(path, meta, {leaf_name(p) for p in flat})
+    _check_tree(path, saved_leaf_names(meta["_tree_keys"]), {leaf_name(p) for p in flat})
     restored = ocp.StandardCheckpointer().restore(path, target)
     for p, var in flat.items():
         v = restored
@@ -130,13 +90,7 @@ def restore_orbax(path: str, *, mesh=None, dtype: str | None = None):
     return config, nnx.merge(graphdef, nnx.from_flat_state(flat))
 
 
-def _check_tree(path: str, meta: dict, want: set[str]) -> None:
-    have = set()
-    for k in meta["_tree_keys"]:
-        try:
-            have.add(".".join(str(x) for x in ast.literal_eval(k)))  # "('blocks', 'layers', '0', ...)"
-        except Exception:
-            have.add(k)
+def _check_tree(path: str, have: set[str], want: set[str]) -> None:
     missing, extra = sorted(want - have), sorted(have - want)
     if missing:
         raise CheckpointError(f"{path}: Orbax checkpoint has no parameter {missing[0]!r}"
@@ -254,10 +208,14 @@ def hf_to_orbax(src: str, dst: str, *, dtype: str | None = None, progress: bool 
 class OrbaxLeafReader:
     """Reads slices of the parameters of an Orbax checkpoint through tensorstore (no full leaf in memory)."""
 
-    def __init__(self, path: str, meta: dict):
+    def __init__(self, path: str, meta: dict, prefix: tuple = ()):
         self.path = os.path.abspath(path)
         self.meta = meta
+        self.prefix = tuple(prefix)  # a train state's parameters live under ("params", ...) as nnx Variables
         self._open: dict[tuple, object] = {}
+
+    def _stored_name(self, path: tuple) -> str:
+        return leaf_name(self.prefix + tuple(path) + ("value",)) if self.prefix else leaf_name(path)
 
     def _spec(self, name: str) -> dict:
         driver = "zarr3" if self.meta["_use_zarr3"] else "zarr"
@@ -272,7 +230,7 @@ class OrbaxLeafReader:
 
         if path not in self._open:
             try:
-                t = ts.open(self._spec(leaf_name(path)), open=True, read=True).result()
+                t = ts.open(self._spec(self._stored_name(path)), open=True, read=True).result()
             except Exception as e:  # tensorstore raises ValueError / NotFoundError
                 raise CheckpointError(f"{self.path}: cannot read parameter {leaf_name(path)!r} ({e})") from None
             if tuple(t.shape) != tuple(shape):
@@ -287,14 +245,25 @@ class OrbaxLeafReader:
 
 
 def _open_checked(src: str):
-    """Metadata, config, the abstract parameter leaves (checked against the saved tree) and a leaf reader."""
+    """Metadata, config, the abstract parameter leaves (checked against the saved tree) and a leaf reader.
+
+    ``src`` is an Orbax checkpoint of parameters (``save_orbax``, ``hf_to_orbax``) or a training checkpoint
+    (a run folder, its ``checkpoints`` folder or a step folder: the parameters of the train state).
+    """
     src = os.path.abspath(src)
-    meta = read_metadata(src)
-    config = config_from_dict(meta["config"])
+    prefix: tuple = ()
+    if not os.path.isfile(os.path.join(src, "_METADATA")) and training_checkpoint.is_training_checkpoint(src):
+        step_dir = training_checkpoint.resolve_step_folder(src)
+        config = training_checkpoint.model_config_from_run(training_checkpoint.read_run_config(step_dir), step_dir)
+        src, prefix = os.path.join(step_dir, "state"), ("params",)
+        _, meta = read_orbax_layout(src)
+    else:
+        meta = read_metadata(src)
+        config = config_from_dict(meta["config"])
     _, abstract_state = abstract_model(config)
     flat = dict(nnx.to_flat_state(abstract_state))
-    _check_tree(src, meta, {leaf_name(p) for p in flat})
-    return config, meta, flat, OrbaxLeafReader(src, meta)
+    _check_tree(src, saved_leaf_names(meta["_tree_keys"], prefix), {leaf_name(p) for p in flat})
+    return config, meta, flat, OrbaxLeafReader(src, meta, prefix)
 
 
 def orbax_to_hf(src: str, dst: str, *, max_shard_size: int | str = "5GB", dtype: str | None = None,

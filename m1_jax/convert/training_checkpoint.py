@@ -10,7 +10,6 @@ restores only ``state.params``, each parameter straight into its (optionally sha
 
 from __future__ import annotations
 
-import ast
 import json
 import os
 from typing import Any
@@ -20,6 +19,7 @@ from flax import nnx
 
 from m1_jax.config import ConfigError, ModelConfig
 from m1_jax.convert.errors import CheckpointError
+from m1_jax.convert.orbax_meta import config_from_dict, read_orbax_layout, saved_leaf_names
 from m1_jax.convert.placement import param_shardings
 from m1_jax.dtypes import DTYPE_NAMES
 from m1_jax.model import abstract_model
@@ -89,32 +89,10 @@ def read_run_config(step_dir: str) -> dict[str, Any]:
 
 
 def model_config_from_run(config: dict[str, Any], where: str) -> ModelConfig:
-    from m1_jax.convert.orbax_io import config_from_dict
-
     try:
         return config_from_dict(config["model"])
     except (ConfigError, TypeError) as e:
         raise CheckpointError(f"{where}: the saved model config is not valid: {e}") from None
-
-
-def _saved_param_names(state_dir: str) -> set[str]:
-    """Names (``a.b.c``) of the parameters in the saved train state, read from its Orbax metadata."""
-    file = os.path.join(state_dir, "_METADATA")
-    try:
-        with open(file) as f:
-            keys = json.load(f)["tree_metadata"]
-    except (OSError, ValueError, KeyError) as e:
-        raise CheckpointError(f"{file}: cannot read the Orbax metadata of the train state ({e})") from None
-    out = set()
-    for k in keys:
-        try:
-            path = tuple(str(x) for x in ast.literal_eval(k))
-        except (ValueError, SyntaxError):
-            continue
-        if path and path[0] == "params":
-            path = path[1:-1] if path[-1] == "value" else path[1:]  # an nnx Variable's leaf is its "value"
-            out.add(".".join(path))
-    return out
 
 
 def _restore_params(state_dir: str, target: nnx.State) -> nnx.State:
@@ -153,7 +131,7 @@ def load_training_checkpoint(path: str, *, dtype: str | None = None, mesh=None):
     graphdef, abstract_params = abstract_model(config)
     flat = dict(nnx.to_flat_state(abstract_params))
     want = {".".join(str(k) for k in p) for p in flat}
-    have = _saved_param_names(state_dir)
+    have = saved_leaf_names(read_orbax_layout(state_dir)[1]["_tree_keys"], prefix=("params",))
     missing, extra = sorted(want - have), sorted(have - want)
     if missing or extra:
         what = (f"has no parameter {missing[0]!r}" + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")

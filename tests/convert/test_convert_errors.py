@@ -9,7 +9,8 @@ import pytest
 from safetensors.numpy import load_file, save_file
 
 import m1_jax
-from m1_jax.convert import CheckpointError, plan_import
+from convert_helpers import assert_same_tensors, read_all
+from m1_jax.convert import CheckpointError, orbax_io, plan_import
 from m1_jax.convert.hf_export import write_hf_folder
 from m1_jax.convert.safetensors_io import read_header
 
@@ -193,7 +194,42 @@ def test_existing_destination_is_refused(tiny_hf, tmp_path):
         m1_jax.save_hf_checkpoint(model, config, str(dst))
     assert (dst / "keep.txt").exists()
     m1_jax.save_hf_checkpoint(model, config, str(dst), overwrite=True)
-    assert not (dst / "keep.txt").exists() and (dst / "config.json").exists()
+    assert (dst / "keep.txt").read_text() == "x" and (dst / "config.json").exists()
+    (tmp_path / "a_file").write_text("y")
+    with pytest.raises(CheckpointError, match="a_file: exists and is not a folder"):
+        m1_jax.save_hf_checkpoint(model, config, str(tmp_path / "a_file"), overwrite=True)
+    assert (tmp_path / "a_file").read_text() == "y"
+
+
+def test_overwrite_replaces_only_the_converters_files(tiny_hf, tmp_path):
+    """--overwrite replaces the checkpoint files and keeps every other file (a user's notes, a tokenizer)."""
+    from m1_jax.convert import cli
+
+    def user_files(dst):
+        (dst / "notes.txt").write_text("my notes")
+        (dst / "tokenizer").mkdir()
+        (dst / "tokenizer" / "tokenizer.json").write_text("{}")
+        (dst / "model-00009-of-00009.safetensors").write_bytes(b"stale shard of an older export")
+
+    def kept(dst):
+        assert (dst / "notes.txt").read_text() == "my notes"
+        assert (dst / "tokenizer" / "tokenizer.json").read_text() == "{}"
+
+    ob, hf = tmp_path / "ob", tmp_path / "hf"
+    assert cli.main(["hf-to-orbax", tiny_hf[1], str(ob), "--quiet"]) == 0
+    assert cli.main(["orbax-to-hf", str(ob), str(hf), "--quiet", "--max-shard-size", "100KB"]) == 0
+    ref = read_all(str(hf))
+    user_files(hf)
+    (ob / "notes.txt").write_text("my notes")
+    assert cli.main(["orbax-to-hf", str(ob), str(hf), "--quiet", "--max-shard-size", "100KB"]) == 1  # no --overwrite
+    assert cli.main(["orbax-to-hf", str(ob), str(hf), "--quiet", "--overwrite"]) == 0
+    kept(hf)
+    assert not (hf / "model-00009-of-00009.safetensors").exists()  # the converter's own (stale) file is replaced
+    assert_same_tensors(ref, read_all(str(hf)))
+    assert cli.main(["hf-to-orbax", tiny_hf[1], str(ob), "--quiet", "--overwrite"]) == 0
+    assert (ob / "notes.txt").read_text() == "my notes"
+    assert orbax_io.check_orbax(str(ob))[0] == m1_jax.load_hf_checkpoint(tiny_hf[1])[0]
+    assert sorted(os.listdir(tmp_path)) == ["hf", "ob"]  # no temporary folder left behind
 
 
 def test_orbax_checkpoint_errors(tiny_hf, tmp_path):
