@@ -1,4 +1,5 @@
-"""Import straight into a sharded layout, and Orbax restore onto a different mesh (8 CPU devices)."""
+"""Import straight into a sharded layout, Orbax restore onto a different mesh, and a training checkpoint
+restored onto a mesh (8 CPU devices)."""
 
 import os
 import subprocess
@@ -70,12 +71,24 @@ SCRIPT = textwrap.dedent(r"""
     # export from the sharded model is the source checkpoint again
     m1_jax.save_hf_checkpoint(model_b, config_b, tmp + "/hf", max_shard_size="100KB")
     assert_same_tensors(read_all(src), read_all(tmp + "/hf"), skip=("_decay", "slope_rate"))
+
+    # a train.py checkpoint restores its parameters straight into the mesh's layout
+    from m1_jax.convert import load_training_checkpoint
+    _, trained, _ = load_training_checkpoint(sys.argv[4])
+    _, trained_a, info = load_training_checkpoint(sys.argv[4], mesh=mesh_a)
+    w1t = trained_a.blocks.layers[0].block_sparse_moe.w1.get_value()
+    assert w1t.sharding.spec == P(None, "expert", "fsdp", "tensor"), w1t.sharding.spec
+    assert len({s.device for s in w1t.addressable_shards}) == 8 and info["step"] == 2
+    for (p, a), (_, b) in zip(nnx.to_flat_state(nnx.state(trained_a)), nnx.to_flat_state(nnx.state(trained))):
+        assert a.get_value().sharding.mesh.shape == mesh_a.shape, p
+        np.testing.assert_array_equal(np.asarray(a.get_value()), np.asarray(b.get_value()), err_msg=str(p))
     print("MESH OK")
 """)
 
 
-def test_sharded_import_and_restore_onto_another_mesh(tiny_hf, tmp_path):
+def test_sharded_import_and_restore_onto_another_mesh(tiny_hf, training_run, tmp_path):
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
-    out = subprocess.run([sys.executable, "-c", SCRIPT, tiny_hf[1], os.path.dirname(__file__), str(tmp_path)],
+    out = subprocess.run([sys.executable, "-c", SCRIPT, tiny_hf[1], os.path.dirname(__file__), str(tmp_path),
+                          training_run],
                          capture_output=True, text=True, env=env, timeout=600)
     assert out.returncode == 0 and "MESH OK" in out.stdout, out.stderr[-4000:]
