@@ -72,7 +72,7 @@ def make_train_step(graphdef, tx, schedule, *, aux_loss_coef: float, z_loss_coef
                     fault_steps: Sequence[int] = ()) -> Callable:
     """``train_step(state, batch) -> (state, metrics)`` (pure; jit it with shardings).
 
-    ``fault_steps``: steps whose loss is replaced by NaN (fault-injection for tests of the non-finite
+    ``fault_steps``: steps whose loss and gradients are NaN (fault-injection for tests of the non-finite
     handling; empty in real runs).
     """
     fault = jnp.asarray(sorted(set(int(s) for s in fault_steps)) or [-1], jnp.int32)
@@ -86,7 +86,7 @@ def make_train_step(graphdef, tx, schedule, *, aux_loss_coef: float, z_loss_coef
                                           head_dtype=head_dtype)
         aux = load_balancing_loss(stats)
         loss = ce_obj + aux_loss_coef * aux
-        loss = jnp.where(jnp.any(fault == step), jnp.nan, loss)
+        loss = loss * jnp.where(jnp.any(fault == step), jnp.nan, 1.0)  # NaN loss and NaN gradients
         return loss, (m, aux, stats)
 
     def train_step(state, batch):
