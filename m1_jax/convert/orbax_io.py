@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import weakref
 from typing import Callable, Iterator
 
 import jax
@@ -213,6 +214,10 @@ class OrbaxLeafReader:
         self.meta = meta
         self.prefix = tuple(prefix)  # a train state's parameters live under ("params", ...) as nnx Variables
         self._open: dict[tuple, object] = {}
+        # Bytes of the slices read and still referenced (tensorstore allocates them, so tracemalloc does
+        # not see them), and the most at any moment: the reader's share of host memory.
+        self.live_bytes = 0
+        self.peak_live_bytes = 0
 
     def _stored_name(self, path: tuple) -> str:
         return leaf_name(self.prefix + tuple(path) + ("value",)) if self.prefix else leaf_name(path)
@@ -241,7 +246,14 @@ class OrbaxLeafReader:
 
     def read(self, path: tuple, shape: tuple, index: tuple) -> np.ndarray:
         t = self.leaf(path, shape)
-        return np.asarray((t[index] if index else t).read().result())
+        arr = np.asarray((t[index] if index else t).read().result())
+        self.live_bytes += arr.nbytes
+        self.peak_live_bytes = max(self.peak_live_bytes, self.live_bytes)
+        weakref.finalize(arr, self._release, arr.nbytes)  # views (transposes) keep arr alive
+        return arr
+
+    def _release(self, nbytes: int) -> None:
+        self.live_bytes -= nbytes
 
 
 def _open_checked(src: str):

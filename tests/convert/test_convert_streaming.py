@@ -1,70 +1,94 @@
-"""A synthetic multi-file M1-shaped checkpoint converts both ways with bounded host memory."""
+"""A synthetic multi-file M1-shaped checkpoint converts both ways holding about one tensor at a time.
+
+What is measured is the converter's own allocations (``tracemalloc``: every Python object and every
+numpy buffer it creates) and the bytes of the slices its Orbax reader returned and that are still
+referenced (tensorstore allocates those, so tracemalloc cannot see them), not the process's resident
+memory: machine load, the allocator and other threads cannot move it. Tensorstore's internal buffers
+are bounded by its configuration (the OCDBT node cache, see ``orbax_io._write_context``).
+"""
 
 import json
+import math
 import os
-import subprocess
-import sys
+import tracemalloc
 
 import pytest
 from convert_helpers import assert_same_tensors, read_all
 from convert_synthetic import mid_config, write_synthetic_hf
 
 from m1_jax.config import m1_layer_types
-
-HERE = os.path.dirname(os.path.abspath(__file__))
-
-# Runs one conversion in a fresh process and prints its resident-memory high-water mark before (after
-# the imports) and after the conversion. It reads VmHWM from /proc rather than ru_maxrss: Linux carries
-# ru_maxrss across fork + exec, so a child's ru_maxrss starts at its parent's (the pytest process).
-# Writing 5 to /proc/self/clear_refs resets VmHWM to the current RSS, so the peak is the conversion's.
-PROBE = r"""
-import json, sys
 from m1_jax.convert import orbax_io
-direction, src, dst = sys.argv[1:4]
-
-def status(field):
-    for line in open("/proc/self/status"):
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) * 1024
-
-import jax.numpy as jnp, tensorstore
-jnp.zeros(1).block_until_ready()
-with open("/proc/self/clear_refs", "w") as f:
-    f.write("5")
-base = status("VmHWM")
-if direction == "hf-to-orbax":
-    orbax_io.hf_to_orbax(src, dst)
-else:
-    orbax_io.orbax_to_hf(src, dst, max_shard_size="24MB")
-print(json.dumps({"base": base, "peak": status("VmHWM")}))
-"""
+from m1_jax.convert.hf_export import hf_entries
+from m1_jax.convert.hf_import import leaf_entries, plan_import
+from m1_jax.model import abstract_model
 
 
-def convert(direction, src, dst):
-    out = subprocess.run([sys.executable, "-c", PROBE, direction, src, dst], capture_output=True, text=True,
-                         env={**os.environ, "JAX_PLATFORMS": "cpu"}, timeout=600)
-    assert out.returncode == 0, out.stderr[-3000:]
-    return json.loads(out.stdout.strip().splitlines()[-1])
+def traced_peak(fn, *args, **kwargs) -> int:
+    """Bytes ``fn`` allocated at its peak, above what was allocated when it started."""
+    tracemalloc.start()
+    try:
+        base = tracemalloc.get_traced_memory()[0]
+        tracemalloc.reset_peak()
+        fn(*args, **kwargs)
+        return tracemalloc.get_traced_memory()[1] - base
+    finally:
+        tracemalloc.stop()
 
 
 @pytest.mark.slow
 def test_synthetic_checkpoint_streams_both_ways(tmp_path):
-    config = mid_config(num_hidden_layers=24, layer_types=m1_layer_types(24))
-    src, ob, dst = str(tmp_path / "hf"), str(tmp_path / "ob"), str(tmp_path / "back")
-    size = write_synthetic_hf(config, src, max_shard_size="24MB")
-    n_files = sum(f.endswith(".safetensors") for f in os.listdir(src))
-    largest = 2 * config.vocab_size * config.hidden_size  # the bf16 embedding / lm_head
-    assert size > 300e6 and n_files >= 12
+    # First a tiny conversion both ways, so that the lazy imports (orbax, tensorstore) and the caches
+    # built on first use are not counted as the conversion's memory.
+    tiny = mid_config(num_hidden_layers=8, layer_types=m1_layer_types(8), vocab_size=64, hidden_size=32,
+                      intermediate_size=32, num_attention_heads=2, head_dim=16, rotary_dim=8)
+    write_synthetic_hf(tiny, str(tmp_path / "tiny"))
+    orbax_io.hf_to_orbax(str(tmp_path / "tiny"), str(tmp_path / "tiny_ob"))
+    orbax_io.orbax_to_hf(str(tmp_path / "tiny_ob"), str(tmp_path / "tiny_back"))
 
-    to_orbax = convert("hf-to-orbax", src, ob)
-    to_hf = convert("orbax-to-hf", ob, dst)
-    report = {name: {"peak_MB": r["peak"] / 1e6, "conversion_MB": (r["peak"] - r["base"]) / 1e6}
-              for name, r in (("hf-to-orbax", to_orbax), ("orbax-to-hf", to_hf))}
-    print(f"\ncheckpoint {size / 1e6:.0f} MB in {n_files} files, largest tensor {largest / 1e6:.1f} MB: {report}")
-    for r in (to_orbax, to_hf):
-        grown = r["peak"] - r["base"]
-        # the conversion's own memory: a few tensors, tensorstore's 100 MB OCDBT node cache and the
-        # abstract model; never the checkpoint
-        assert grown < 0.25 * size, report
+    # 16 layers (two scanned blocks: a stacked expert leaf holds 16 HF tensors), bf16, 8 MB files.
+    config = mid_config(num_hidden_layers=16, layer_types=m1_layer_types(16), vocab_size=512, hidden_size=256,
+                        intermediate_size=512)
+    src, ob, dst = str(tmp_path / "hf"), str(tmp_path / "ob"), str(tmp_path / "back")
+    size = write_synthetic_hf(config, src, max_shard_size="8MB")
+    n_files = sum(f.endswith(".safetensors") for f in os.listdir(src))
+    entries = hf_entries(config, "bfloat16", "float32")
+    largest = max(math.prod(shape) * (4 if st == "F32" else 2) for _, shape, st in entries)  # 0.4 MB: qkv_proj
+    stacked_leaf = 2 * 2 * config.num_local_experts * config.hidden_size * config.intermediate_size  # 4.2 MB
+    assert size > 100e6 and n_files >= 12
+
+    # The bookkeeping every conversion of this checkpoint needs (parsed headers, the key table, the
+    # abstract model): a few KB a tensor, however large the tensors are. Once untraced first: tracing
+    # caches (eval_shape of this config) are filled on first use and would count for whoever comes first.
+    def bookkeep():
+        plan = plan_import(src)
+        return abstract_model(plan.config), leaf_entries(plan)
+
+    bookkeep()
+    bookkeeping = traced_peak(bookkeep)
+    readers = []  # orbax-to-hf's reader: tensorstore allocates what it reads, so the reader counts it
+
+    class CountedReader(orbax_io.OrbaxLeafReader):
+        def __init__(self, *a, **k):
+            super().__init__(*a, **k)
+            readers.append(self)
+
+    peaks = {"hf-to-orbax": traced_peak(orbax_io.hf_to_orbax, src, ob)}
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(orbax_io, "OrbaxLeafReader", CountedReader)
+        peaks["orbax-to-hf"] = traced_peak(orbax_io.orbax_to_hf, ob, dst, max_shard_size="8MB")
+    (reader,) = readers
+    assert 0 < reader.peak_live_bytes <= 2 * largest, (reader.peak_live_bytes, largest)  # one tensor (+ the last)
+    assert reader.live_bytes == 0
+    print(f"\ncheckpoint {size / 1e6:.0f} MB in {n_files} files, largest tensor {largest / 1e6:.2f} MB, "
+          f"bookkeeping {bookkeeping / 1e6:.2f} MB, converter peak: "
+          + ", ".join(f"{k} {v / 1e6:.2f} MB" for k, v in peaks.items())
+          + f", orbax-to-hf reads held at most {reader.peak_live_bytes / 1e6:.2f} MB")
+    # Beyond that, hf-to-orbax holds up to orbax_io._WRITES_IN_FLIGHT (4) slices in flight plus the one
+    # being read; orbax-to-hf one tensor and its converted copy. Neither may hold a whole stacked leaf,
+    # let alone the checkpoint.
+    limit = (4 + 2) * largest
+    assert limit < stacked_leaf < 0.05 * size
+    for name, peak in peaks.items():
+        assert peak - bookkeeping < limit, (name, peak, bookkeeping, limit)
     assert_same_tensors(read_all(src), read_all(dst))
     assert json.load(open(os.path.join(dst, "config.json")))["torch_dtype"] == "bfloat16"
