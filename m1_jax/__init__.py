@@ -1,11 +1,11 @@
 """m1-jax: MiniMax-Text-01 / MiniMax-M1 in JAX and Flax NNX."""
 
 from m1_jax.config import ConfigError, ModelConfig
-from m1_jax.inference import generate
+from m1_jax.inference import cache_bytes, generate, generate_stream
 from m1_jax.model import MiniMaxForCausalLM
 
-__all__ = ["ConfigError", "MiniMaxForCausalLM", "ModelConfig", "generate", "load_hf_checkpoint",
-           "save_hf_checkpoint"]
+__all__ = ["ConfigError", "MiniMaxForCausalLM", "ModelConfig", "cache_bytes", "generate", "generate_stream",
+           "load_hf_checkpoint", "save_hf_checkpoint"]
 
 
 def __getattr__(name):

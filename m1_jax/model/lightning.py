@@ -11,6 +11,7 @@ from flax import nnx
 
 from m1_jax.config import ModelConfig
 from m1_jax.model.layers import as_dtype, param, rms_normalize
+from pallas_kernels import lightning_decode_step_nodonate
 from sharding import context_parallel
 from sharding.rules import constrain
 
@@ -65,10 +66,14 @@ class LightningAttention(nnx.Module):
         self.norm = param(None, (n, d), ("heads", "head_dim"), pdt, init="ones")
         self.out_proj = param(rngs, (n, d, h), ("heads", "head_dim", "embed"), pdt, std=std)
 
-    def __call__(self, x: jax.Array, layer_idx, *, segment_ids=None, initial_state=None,
-                 return_state: bool = False, token_mask=None):
-        """``token_mask [B, T]`` (1 = real token) zeroes q, k, v of padding so that left padding leaves
-        the state exactly as if the padding were absent."""
+    def __call__(self, x: jax.Array, layer_idx, *, segment_ids=None, state=None, token_mask=None):
+        """The layer on ``x [B, T, hidden]``; returns ``out``, or ``(out, new_state)`` with a cache.
+
+        ``state [B, H, Dk, Dv]`` float32 is this layer's generation cache: the recurrence continues from
+        it (prefill chunks through ``lightning_attention(initial_state=...)``, one token through the
+        decode step). ``token_mask [B, T]`` (1 = real token) zeroes q, k, v of left padding: exact,
+        because padding comes before every real token, where the state is still zero.
+        """
         c = self.config
         dt = x.dtype
         qkv = jnp.einsum("bth,hnkd->btnkd", x, self.qkv_proj.value.astype(dt))
@@ -76,13 +81,18 @@ class LightningAttention(nnx.Module):
         if token_mask is not None:
             qkv = qkv * token_mask.astype(dt)[:, :, None, None, None]
         q, k, v = (constrain(jnp.swapaxes(qkv[:, :, :, i], 1, 2), _BHTD) for i in range(3))  # [B, N, T, D]
-        # pallas_kernels.lightning_attention, run as LASP-2 when the mesh has a context axis > 1
-        o, state = context_parallel.lightning_attention(
-            q, k, v, lightning_decay(c, layer_idx), initial_state=initial_state,
-            block_size=c.block_size, backend=c.lightning_backend, segment_ids=segment_ids)
+        decay = lightning_decay(c, layer_idx)
+        if state is not None and x.shape[1] == 1:  # decoding: S' = exp(-lam) S + k^T v, o = q S'
+            o, new_state = lightning_decode_step_nodonate(q[:, :, 0], k[:, :, 0], v[:, :, 0], decay, state)
+            o = o[:, :, None]
+        else:
+            # pallas_kernels.lightning_attention, run as LASP-2 when the mesh has a context axis > 1
+            o, new_state = context_parallel.lightning_attention(
+                q, k, v, decay, initial_state=state, block_size=c.block_size, backend=c.lightning_backend,
+                segment_ids=segment_ids)
         o = constrain(jnp.swapaxes(o, 1, 2), _BTHD)  # [B, T, N, D]
         o = rms_normalize(o, c.lightning_norm_eps, axes=(-2, -1)) * self.norm.value.astype(dt)
         gate = jnp.einsum("bth,hnd->btnd", x, self.output_gate.value.astype(dt))
         o = jax.nn.sigmoid(gate.astype(jnp.float32)).astype(dt) * o
         out = jnp.einsum("btnd,ndh->bth", o, self.out_proj.value.astype(dt))
-        return (out, state) if return_state else out
+        return out if state is None else (out, new_state)
