@@ -109,7 +109,7 @@ class StreamedLeaf:
         self.shape, self.dtype, self.write_shape, self.pieces = tuple(shape), np.dtype(dtype), tuple(write_shape), pieces
 
 
-_registered = False
+_streaming_registry = None
 
 
 def _write_context():
@@ -121,10 +121,22 @@ def _write_context():
                        "cache_pool#ocdbt": {"total_bytes_limit": _OCDBT_NODE_CACHE_BYTES}})
 
 
-def _register_handler() -> None:
-    global _registered
-    if _registered:
-        return
+def _streaming_checkpointer():
+    """An Orbax PyTree checkpointer whose only type handler writes ``StreamedLeaf``.
+
+    The handler has the typestr of numpy arrays (the files read back as arrays), so registering it in
+    Orbax's global registry would replace the numpy handler for every later save and restore in the
+    process (and log "Type handler registry overriding ..." each time); a private registry does neither.
+    """
+    global _streaming_registry
+    import orbax.checkpoint as ocp
+
+    if _streaming_registry is None:
+        _streaming_registry = _make_streaming_registry()
+    return ocp.Checkpointer(ocp.PyTreeCheckpointHandler(type_handler_registry=_streaming_registry))
+
+
+def _make_streaming_registry():
     import tensorstore as ts
     from orbax.checkpoint import future, type_handlers
     from orbax.checkpoint._src.serialization import ocdbt_utils, tensorstore_utils as ts_utils
@@ -164,8 +176,9 @@ def _register_handler() -> None:
             return [future.CommitFutureAwaitingContractedSignals(
                 self._background_serialize(values, infos, args), name="m1_jax_streamed_leaf")]
 
-    type_handlers.register_type_handler(StreamedLeaf, StreamedLeafHandler(), override=True)
-    _registered = True
+    # jax.Array's handler only for Orbax's array-metadata store (it warns when the registry has none)
+    return type_handlers.create_type_handler_registry((StreamedLeaf, StreamedLeafHandler()),
+                                                      (jax.Array, type_handlers.get_type_handler(jax.Array)))
 
 
 def hf_to_orbax(src: str, dst: str, *, dtype: str | None = None, progress: bool = False,
@@ -173,7 +186,6 @@ def hf_to_orbax(src: str, dst: str, *, dtype: str | None = None, progress: bool 
     """Convert a HF checkpoint folder to an Orbax checkpoint without building the model."""
     import orbax.checkpoint as ocp
 
-    _register_handler()
     plan = plan_import(src, dtype=dtype)
     config = plan.config
     _, abstract_state = abstract_model(config)
@@ -200,7 +212,8 @@ def hf_to_orbax(src: str, dst: str, *, dtype: str | None = None, progress: bool 
                          hf_dtype=plan.storage_dtype)
         try:
             with staged_path(dst, overwrite=overwrite) as tmp:
-                ocp.PyTreeCheckpointer().save(tmp, args=ocp.args.PyTreeSave(tree, custom_metadata=meta))
+                with _streaming_checkpointer() as ckptr:
+                    ckptr.save(tmp, args=ocp.args.PyTreeSave(tree, custom_metadata=meta))
         finally:
             reader.close()
     return config

@@ -66,9 +66,15 @@ def test_original_config_is_read_back(tiny_hf, tmp_path):
     assert config2 == config
 
 
-def test_hf_orbax_hf_bit_exact_float32(tiny_hf, tmp_path):
+def test_hf_orbax_hf_bit_exact_float32(tiny_hf, tmp_path, caplog):
+    from orbax.checkpoint import type_handlers
+
     _, path = tiny_hf
-    orbax_io.hf_to_orbax(path, str(tmp_path / "ob"))
+    numpy_handler = type_handlers.get_type_handler(np.ndarray)
+    with caplog.at_level("WARNING"):
+        orbax_io.hf_to_orbax(path, str(tmp_path / "ob"))
+    assert not [r for r in caplog.records if r.levelname == "WARNING"], caplog.text  # no absl registry noise
+    assert type_handlers.get_type_handler(np.ndarray) is numpy_handler  # Orbax's global registry untouched
     orbax_io.orbax_to_hf(str(tmp_path / "ob"), str(tmp_path / "hf"), max_shard_size="100KB")
     assert_same_tensors(read_all(path), read_all(str(tmp_path / "hf")), skip=("_decay", "slope_rate"))
     # and the streamed Orbax checkpoint restores as a model equal to the directly loaded one
