@@ -26,6 +26,41 @@ def test_byte_tokenizer_roundtrip():
     assert make_tokenizer("byte").vocab_size == 256
 
 
+def test_encode_checked_reports_what_encode_loses(tmp_path):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    text = "Grüße, 世界 🙂 x"
+    ids, lost = ByteTokenizer().encode_checked(text)
+    assert lost == "" and ids.tolist() == list(text.encode("utf-8"))
+    ids, lost = ByteTokenizer().encode_checked("a\ud800b\udfffc\ud800")  # lone surrogates (JSON escapes)
+    assert lost == "\ud800\udfff" and ByteTokenizer().decode(ids) == "abc"
+
+    def hf(tok):
+        tok.save(str(tmp_path / "tokenizer.json"))
+        return HFTokenizer(str(tmp_path))
+
+    unk = Tokenizer(models.WordLevel({"[UNK]": 0, "hello": 1, "world": 2}, unk_token="[UNK]"))
+    unk.pre_tokenizer = pre_tokenizers.Whitespace()
+    ids, lost = hf(unk).encode_checked("hello wörld hello  world")
+    assert ids.tolist() == [1, 0, 1, 2] and sorted(lost) == sorted("wörd" + "l")  # "wörld" is [UNK]
+    ids, lost = hf(unk).encode_checked("hello  world\n")
+    assert ids.tolist() == [1, 2] and lost == ""  # whitespace the pre-tokenizer splits on is no loss
+
+    # a BPE without unk token or byte fallback silently drops what its vocabulary lacks
+    bpe = Tokenizer(models.BPE({"a": 0, "b": 1, "c": 2, "ab": 3}, [("a", "b")]))
+    ids, lost = hf(bpe).encode_checked("abcxabé")
+    assert ids.tolist() == [3, 2, 3] and lost == "xé"
+
+    # a byte-level BPE (MiniMax's kind) loses nothing
+    blevel = Tokenizer(models.BPE())
+    blevel.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    blevel.decoder = decoders.ByteLevel()
+    blevel.train_from_iterator(["hello world"], trainers.BpeTrainer(
+        vocab_size=280, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
+    ids, lost = hf(blevel).encode_checked(text)
+    assert lost == "" and hf(blevel).decode(ids) == text
+
+
 def test_hf_tokenizer_json(tmp_path):
     from tokenizers import Tokenizer, models, pre_tokenizers
 
@@ -82,17 +117,18 @@ def test_shift_row_masks_document_boundaries():
 
 def test_packing_keeps_every_token_in_order(tmp_path):
     src = _docs_file(tmp_path, DOCS)
-    cfg = DataConfig(source=src, seq_len=16, batch_size=2, shuffle=False, num_epochs=1)
+    # batch_size 1: no partial last batch is dropped, so every token of the one epoch must come out.
+    cfg = DataConfig(source=src, seq_len=16, batch_size=1, shuffle=False, num_epochs=1)
     # Rebuild the stream from the inputs + last target of each row; it must be the concatenated documents.
-    it = DataIterator(cfg)
-    stream = []
-    for b in it:
-        for r in range(b["inputs"].shape[0]):
-            stream.extend(b["inputs"][r].tolist() + [int(b["targets"][r, -1])])
-    while stream and stream[-1] == 0:  # padding of the last row of a finite dataset
-        stream.pop()
+    stream, segments = [], []
+    for b in DataIterator(cfg):
+        stream.extend(b["inputs"][0].tolist() + [int(b["targets"][0, -1])])
+        segments.extend(b["segment_ids"][0].tolist())
     want = [t for d in DOCS for t in ByteTokenizer().encode(d).tolist()]
-    assert stream == want[: len(stream)] and len(stream) > 0.9 * len(want)
+    pad = len(stream) - len(want)
+    assert 0 <= pad < 17 and stream[len(want):] == [0] * pad  # only the last row is padded, with 0
+    assert stream[:len(want)] == want
+    assert segments.count(0) in (pad, pad - 1)  # the padding is segment 0 (the last target has no segment id)
 
 
 def test_segment_ids_and_mask_are_consistent(tmp_path):
