@@ -31,7 +31,7 @@ import grain.experimental as grain_exp
 import numpy as np
 
 from m1_jax.config import require
-from m1_jax.data.sources import BUNDLED, make_source
+from m1_jax.data.sources import BUNDLED, DataError, make_source
 from m1_jax.data.tokenizer import make_tokenizer
 
 
@@ -109,7 +109,8 @@ def build_dataset(cfg: DataConfig, *, process_index: int = 0, process_count: int
     src = make_source(cfg.source, cfg.format, text_key=cfg.text_key, separator=cfg.doc_separator,
                       record_format=cfg.record_format)
     if len(src) < process_count:
-        raise ValueError(f"data: {len(src)} documents cannot be split over {process_count} hosts")
+        raise DataError(f"data: {len(src)} documents in {cfg.source!r} cannot be split over {process_count} "
+                        f"hosts; expected at least one document per host")
     ds = grain.MapDataset.source(src)
     if process_count > 1:
         ds = ds[process_index::process_count]

@@ -5,7 +5,8 @@ import json
 import numpy as np
 import pytest
 
-from m1_jax.data import ByteTokenizer, DataConfig, DataIterator, HFTokenizer, make_source, make_tokenizer
+from m1_jax.data import (ByteTokenizer, DataConfig, DataError, DataIterator, HFTokenizer, make_source,
+                         make_tokenizer)
 from m1_jax.data.pipeline import shift_row
 
 
@@ -88,10 +89,6 @@ def test_sources_text_jsonl_arrayrecord(tmp_path):
     jl.write_text("\n".join(json.dumps({"text": d, "id": i}) for i, d in enumerate(DOCS[:5])) + "\n")
     s = make_source(str(jl))
     assert len(s) == 5 and s[3] == DOCS[3]
-    bad = tmp_path / "bad.jsonl"
-    bad.write_text(json.dumps({"body": "x"}) + "\n")
-    with pytest.raises(KeyError, match="no field 'text'"):
-        make_source(str(bad))[0]
     from array_record.python.array_record_module import ArrayRecordWriter
 
     ar = tmp_path / "docs.array_record"
@@ -183,3 +180,90 @@ def test_per_host_shards_are_disjoint(tmp_path):
     assert "document number 1 " not in toks[0] and "document number 0 " not in toks[1]
     with pytest.raises(ValueError, match="multiple of the number of hosts"):
         DataConfig(batch_size=3).validate(process_count=2)
+
+
+def _array_record(path, records):
+    from array_record.python.array_record_module import ArrayRecordWriter
+
+    w = ArrayRecordWriter(str(path), "group_size:1")
+    for r in records:
+        w.write(r)
+    w.close()
+    return str(path)
+
+
+def test_bad_content_in_any_file_is_named_when_the_source_is_built(tmp_path):
+    """Every file is checked (not only the first), before any batch is made; the error names the file,
+    the record and what was expected."""
+    good_txt = _docs_file(tmp_path, DOCS[:3], "a.txt")
+    good_jl = tmp_path / "a.jsonl"
+    good_jl.write_text("".join(json.dumps({"text": d}) + "\n" for d in DOCS[:30]))
+
+    def expect(files, *fragments, **kw):
+        with pytest.raises(DataError) as e:
+            make_source(",".join(map(str, files)), **kw)
+        for f in fragments:
+            assert f in str(e.value), str(e.value)
+
+    empty = tmp_path / "z_empty.txt"
+    empty.write_text("")
+    expect([good_txt, empty], f"{empty} holds no document (empty)")
+    blank = tmp_path / "z_blank.txt"
+    blank.write_text("\n\n  \n")
+    expect([good_txt, blank], f"{blank} holds no document (only whitespace)")
+    latin1 = tmp_path / "z_latin1.txt"
+    latin1.write_bytes("caf\xe9 au lait".encode("latin-1"))
+    expect([good_txt, latin1], f"{latin1} is not UTF-8 text (byte 3")
+    dangling = tmp_path / "z_link.txt"
+    dangling.symlink_to(tmp_path / "nowhere")
+    expect([good_txt, dangling], f"cannot read {dangling}")
+
+    def jsonl(name, lines):
+        p = tmp_path / name
+        p.write_text("".join(l + "\n" for l in lines))
+        return p
+
+    # a bad record in the middle of a later file (records 0 and -1 are fine): the sample reaches it
+    recs = [json.dumps({"text": d}) for d in DOCS[:9]]
+    mid = jsonl("z_mid.jsonl", recs[:4] + [json.dumps({"body": "x", "id": 4})] + recs[4:])
+    expect([good_jl, mid], f"line 5 of {mid} has no field 'text' (fields: ['body', 'id'])")
+    # a bad record the sample does not read raises the same error when the pipeline reaches it
+    late = make_source(str(jsonl("z_late.jsonl", [recs[0], "[]"] + recs * 4)))
+    with pytest.raises(DataError, match=r"line 2 of .*z_late.jsonl is a JSON list"):
+        late[1]
+    expect([good_jl, jsonl("z_num.jsonl", recs[:2] + [json.dumps({"text": 7})])], "field 'text' of line 3",
+           "is a int; expected a string")
+    expect([good_jl, jsonl("z_list.jsonl", ["[1, 2]"])], "line 1 of", "is a JSON list; expected an object")
+    expect([good_jl, jsonl("z_broken.jsonl", recs[:1] + ['{"text": "unterminated'])], "line 2 of",
+           "is not valid JSON")
+    expect([good_jl, jsonl("z_none.jsonl", ["", "  "])], "holds no record (only blank lines)")
+    expect([good_jl, jsonl("z_key.jsonl", recs[:3])], "has no field 'body'", text_key="body")
+
+    good_ar = _array_record(tmp_path / "a.array_record", [d.encode() for d in DOCS[:5]])
+    garbage = tmp_path / "z_garbage.array_record"
+    garbage.write_bytes(b"not an array record file" * 10)
+    expect([good_ar, garbage], f"{garbage} does not open as an ArrayRecord file")
+    ar_latin = _array_record(tmp_path / "z_latin.array_record", [b"ok", "caf\xe9".encode("latin-1"), b"ok"])
+    expect([good_ar, ar_latin], f"record 1 of {ar_latin} is not UTF-8")
+    ar_json = _array_record(tmp_path / "z_json.array_record", [b'{"text": "a"}', b'{"txt": "b"}'])
+    expect([ar_json], f"record 1 of {ar_json} has no field 'text'", record_format="json")
+    assert make_source(ar_json + "", record_format="text")[1] == '{"txt": "b"}'  # as text it is a document
+
+
+def test_train_exits_2_on_bad_data_before_creating_the_run_folder(tmp_path, capsys):
+    from m1_jax.train import main
+
+    good = _docs_file(tmp_path, DOCS, "a.txt")
+    bad = tmp_path / "b.jsonl"
+    bad.write_text(json.dumps({"text": "fine"}) + "\n" + json.dumps({"content": "no text field"}) + "\n")
+    empty = tmp_path / "c.txt"
+    empty.write_text("")
+    for source, fragment in ((f"{good},{empty}", f"{empty} holds no document"),
+                             (str(bad), f"line 2 of {bad} has no field 'text'")):
+        run_dir = tmp_path / "run"
+        code = main([f"--gin.DataConfig.source={source}", f"--gin.TrainConfig.run_dir={run_dir}",
+                     "--gin.TrainConfig.steps=2"])
+        err = capsys.readouterr().err
+        assert code == 2, err
+        assert err.startswith("train.py: error: data: ") and fragment in err and err.count("\n") == 1, err
+        assert not run_dir.exists()  # nothing was started
