@@ -160,6 +160,7 @@ class Session:
         self.key = jax.random.key(int(seed))
         self.graphdef, self.params = nnx.split(model)
         self.state: DecodeState | None = None
+        self.executables: dict = {}
         self.timings = dict(compile_s=0.0, prefill_s=0.0, decode_s=0.0, prompt_tokens=self.real_prompt_tokens,
                             generated_tokens=0)
 
@@ -168,6 +169,7 @@ class Session:
         key = (static, jax.sharding.get_abstract_mesh())
         exe, dt = compiled.get(name, key, fn, args, donate_argnums=donate)
         self.timings["compile_s"] += dt
+        self.executables[name] = exe  # for memory_analysis() in benchmarks
         return exe
 
     def init_cache(self) -> Cache:

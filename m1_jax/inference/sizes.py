@@ -8,6 +8,8 @@ function. Padding is exact (see ``m1_jax.model.cache``), so buckets never change
 
 from __future__ import annotations
 
+import numpy as np
+
 from m1_jax.config import ModelConfig
 from m1_jax.dtypes import as_dtype
 from m1_jax.model.cache import layer_counts
@@ -27,7 +29,7 @@ def cache_bytes(config: ModelConfig, context_len: int, batch: int, *, kv_dtype=N
             raise ValueError(f"cache_bytes: {name} must be an int >= 0; got {v!r}")
     c = config
     n_lin, n_full = layer_counts(c)
-    itemsize = as_dtype(kv_dtype or c.dtype).itemsize
+    itemsize = np.dtype(as_dtype(kv_dtype or c.dtype)).itemsize
     state = n_lin * batch * c.num_attention_heads * c.head_dim * c.head_dim * 4
     kv = n_full * 2 * batch * context_len * c.num_key_value_heads * c.head_dim * itemsize
     return int(state + kv)

@@ -1,0 +1,455 @@
+"""Generation benchmark: prefill and decode of the ``small`` preset (bf16 weights) and its softmax-only twin.
+
+For each model (``hybrid``: 7 lightning + 1 softmax per block; ``twin``: every layer softmax, same sizes),
+batch and context it reports prefill tokens/s, decode ms/token, memory, compile time and the decode step's
+memory floor: the bytes one step must read (the experts its tokens route to, attention weights, router,
+LM head, lightning states read and written, the KV cache) over the read bandwidth measured in the same run.
+
+Decode at long contexts runs on a cache filled with random values of the right length (decode cost does
+not depend on what the cache holds), so batch 64 x 1M needs no 64M-token prefill; the cache of one (model,
+batch) is allocated once at the largest context and its fill ``length`` set per context, so decoding
+compiles once per (model, batch). Prefill runs for real (batch 1 up to 1M tokens).
+
+Correctness of the GPU paths is checked first (``--no-check`` skips it): the Pallas cache-attention
+kernel and the packed-row flash path against the XLA blockwise path (bf16 and float32, odd lengths, left
+padding), and cached greedy generation against the full forward.
+
+    python benchmarks/generate.py --out OUT                  # one H200: everything, ~9 minutes at most
+    python benchmarks/generate.py --quick --out /tmp/gen     # CPU smoke test (tiny model)
+    python benchmarks/generate.py --models hybrid --batches 1 --contexts 1K,1M --budget-s 200
+
+Writes ``OUT/generate.json`` (every row, the card, versions, bandwidth), ``OUT/checks.json`` and
+``OUT/generate.png``; prints the table last.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.97")  # batch 64 x 1M needs ~128 GiB of KV cache
+
+import argparse  # noqa: E402
+import datetime  # noqa: E402
+import json  # noqa: E402
+import math  # noqa: E402
+import platform  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+import traceback  # noqa: E402
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from flax import nnx  # noqa: E402
+
+from m1_jax import MiniMaxForCausalLM, ModelConfig  # noqa: E402
+from m1_jax.config import FULL, LINEAR  # noqa: E402
+from m1_jax.dtypes import as_dtype  # noqa: E402
+from m1_jax.inference import Session, cache_bytes  # noqa: E402
+from m1_jax.model.cache import Cache, init_cache, layer_counts  # noqa: E402
+
+CONTEXTS = {"1K": 1 << 10, "8K": 1 << 13, "32K": 1 << 15, "128K": 1 << 17, "512K": 1 << 19, "1M": 1 << 20}
+T0 = time.perf_counter()
+
+
+def log(msg: str) -> None:
+    print(f"[{time.perf_counter() - T0:7.1f}s] {msg}", flush=True)
+
+
+def parse_contexts(s: str) -> list[int]:
+    out = []
+    for tok in s.split(","):
+        tok = tok.strip()
+        out.append(CONTEXTS[tok] if tok in CONTEXTS else int(tok))
+    return out
+
+
+def label(n: int) -> str:
+    for k, v in CONTEXTS.items():
+        if v == n:
+            return k
+    return str(n)
+
+
+# ------------------------------------------------------------------------------------- configs and floor
+def configs(quick: bool) -> dict[str, ModelConfig]:
+    if quick:
+        base = ModelConfig.preset("tiny", num_hidden_layers=4, layer_types=(LINEAR, FULL) * 2, moe_impl="dense",
+                                  max_position_embeddings=1 << 16)
+    else:
+        base = ModelConfig.preset("small", param_dtype="bfloat16", dtype="bfloat16", max_position_embeddings=1 << 21)
+    return {"hybrid": base, "twin": base.replace(layer_types=(FULL,) * base.num_hidden_layers)}
+
+
+def expected_experts(E: int, picks: int) -> float:
+    """Expected distinct experts among ``picks`` uniform choices of ``E`` (random routing)."""
+    return E * (1.0 - (1.0 - 1.0 / E) ** picks)
+
+
+def floor_bytes(c: ModelConfig, batch: int, context: int) -> dict[str, float]:
+    """Bytes one decode step must read (each once): weights it uses, states (read + written), KV cache."""
+    w = np.dtype(as_dtype(c.param_dtype)).itemsize
+    H, N, K, D, I, E = (c.hidden_size, c.num_attention_heads, c.num_key_value_heads, c.head_dim,
+                        c.intermediate_size, c.num_local_experts)
+    n_lin, n_full = layer_counts(c)
+    lightning_w = (H * 3 * N * D + H * N * D + N * D * H) * w
+    softmax_w = (H * N * D + 2 * H * K * D + N * D * H) * w
+    experts = c.num_hidden_layers * expected_experts(E, batch * c.num_experts_per_tok) * 3 * H * I * w
+    router = c.num_hidden_layers * H * E * 4
+    head = c.vocab_size * H * w
+    states = 2 * n_lin * batch * N * D * D * 4
+    kv = n_full * 2 * batch * context * K * D * np.dtype(as_dtype(c.dtype)).itemsize
+    parts = dict(attention_weights=n_lin * lightning_w + n_full * softmax_w, experts=experts, router=router,
+                 lm_head=head, states=states, kv_cache=kv)
+    parts["total"] = sum(parts.values())
+    return parts
+
+
+def read_bandwidth(quick: bool) -> float:
+    """Bytes/s of a large read-only reduction (median of 10)."""
+    n = (1 << 20) if quick else (4 << 30)  # bf16 elements: 8 GiB on the GPU
+    x = jnp.ones((n,), jnp.bfloat16) * 1.5
+    f = jax.jit(lambda x: jnp.sum(x, dtype=jnp.float32))
+    f(x).block_until_ready()
+    ts = []
+    for _ in range(10):
+        t = time.perf_counter()
+        f(x).block_until_ready()
+        ts.append(time.perf_counter() - t)
+    del x
+    return 2 * n / float(np.median(ts))
+
+
+def mem_stats() -> dict:
+    try:
+        s = jax.devices()[0].memory_stats() or {}
+    except Exception:  # noqa: BLE001
+        s = {}
+    return {k: int(s[k]) for k in ("bytes_in_use", "peak_bytes_in_use", "bytes_limit") if k in s}
+
+
+# ------------------------------------------------------------------------------------- correctness (GPU paths)
+def check_paths(quick: bool) -> list[dict]:
+    from pallas_kernels.attention import cache_attention, flash_attention
+
+    rows = []
+    interpret = jax.default_backend() == "cpu"
+    rng = np.random.default_rng(0)
+    D = 16 if quick else 128
+    for dtype in (jnp.bfloat16, jnp.float32):
+        for B, T, S in ((3, 1, 1024), (3, 7, 1280), (2, 300, 2048)):
+            if quick and T > 7:
+                continue
+            N, K = 8, 2
+            q = jnp.asarray(rng.standard_normal((B, T, N, D)), dtype)
+            kc = jnp.asarray(rng.standard_normal((2, B, K, S, D)), dtype)
+            vc = jnp.asarray(rng.standard_normal((2, B, K, S, D)), dtype)
+            q_start = int(rng.integers(0, S - T))
+            kv_start = jnp.asarray(rng.integers(0, q_start + T, B), jnp.int32).at[0].set(0)
+            kw = dict(q_start=q_start, kv_start=kv_start, layer=1)
+            got = cache_attention(q, kc, vc, backend="pallas_gpu", interpret=interpret, **kw)
+            ref = cache_attention(q.astype(jnp.float32), kc.astype(jnp.float32), vc.astype(jnp.float32),
+                                  backend="xla", **kw)
+            err = float(jnp.max(jnp.abs(got.astype(jnp.float32) - ref)) / jnp.max(jnp.abs(ref)))
+            tol = 2e-2 if dtype == jnp.bfloat16 else 1e-4
+            rows.append(dict(check="cache_attention", dtype=jnp.dtype(dtype).name, B=B, T=T, S=S, rel_err=err,
+                             ok=err < tol))
+            log(f"check cache_attention {rows[-1]}")
+    # packed rows (training): values and gradients against the XLA blockwise path
+    B, T, N, K = (2, 37, 4, 2) if quick else (2, 1000, 8, 2)
+    seg = np.zeros((B, T), np.int32)
+    for b in range(B):
+        for cut in np.sort(rng.choice(np.arange(1, T), 3, replace=False)):
+            seg[b, cut:] += 1
+    seg = jnp.asarray(seg)
+    for dtype in (jnp.bfloat16,):
+        q = jnp.asarray(rng.standard_normal((B, T, N, D)), dtype)
+        k = jnp.asarray(rng.standard_normal((B, T, K, D)), dtype)
+        v = jnp.asarray(rng.standard_normal((B, T, K, D)), dtype)
+        w = jnp.asarray(rng.standard_normal((B, T, N, D)), jnp.float32)
+
+        def loss(q, k, v, backend):
+            o = flash_attention(q, k, v, segment_ids=seg, backend=backend,
+                                interpret=interpret and backend == "pallas_gpu")
+            return jnp.sum(o.astype(jnp.float32) * w)
+
+        f32 = lambda x: x.astype(jnp.float32)  # noqa: E731
+        got_v, got_g = jax.value_and_grad(loss, argnums=(0, 1, 2))(q, k, v, "pallas_gpu")
+        ref_v, ref_g = jax.value_and_grad(loss, argnums=(0, 1, 2))(f32(q), f32(k), f32(v), "xla")
+        o_got = flash_attention(q, k, v, segment_ids=seg, backend="pallas_gpu", interpret=interpret)
+        o_ref = flash_attention(f32(q), f32(k), f32(v), segment_ids=seg, backend="xla")
+        err = float(jnp.max(jnp.abs(f32(o_got) - o_ref)) / jnp.max(jnp.abs(o_ref)))
+        gerr = max(float(jnp.max(jnp.abs(f32(a) - b)) / jnp.max(jnp.abs(b))) for a, b in zip(got_g, ref_g))
+        rows.append(dict(check="flash_attention_packed", dtype=jnp.dtype(dtype).name, B=B, T=T, rel_err=err,
+                         grad_rel_err=gerr, ok=err < 2e-2 and gerr < 5e-2))
+        log(f"check flash_attention {rows[-1]}")
+    # the engine on this platform: cached greedy = full forward (float32 tiny model, reference lightning)
+    c = ModelConfig.preset("tiny", num_hidden_layers=4, layer_types=(LINEAR, FULL) * 2, vocab_size=97,
+                           lightning_backend="reference", moe_impl="dense")
+    model = MiniMaxForCausalLM(c, rngs=nnx.Rngs(1))
+    lens = [13, 6, 1]
+    ids = np.zeros((3, 13), np.int32)
+    for r, n in enumerate(lens):
+        ids[r, 13 - n:] = rng.integers(0, 97, n)
+    from m1_jax import generate
+
+    toks, lps = generate(model, ids, max_new_tokens=9, lengths=lens)
+    toks2, _ = generate(model, ids, max_new_tokens=9, lengths=lens, prefill_chunk=5)
+    worst, same = 0.0, bool(np.array_equal(np.asarray(toks), np.asarray(toks2)))
+    for r, n in enumerate(lens):
+        seq = jnp.asarray([list(ids[r, 13 - n:]) + list(np.asarray(toks[r]))], jnp.int32)
+        logits = model(seq)[0, n - 1:-1]
+        same &= list(np.asarray(jnp.argmax(logits, -1))) == list(np.asarray(toks[r]))
+        ref = jax.nn.log_softmax(logits)[jnp.arange(9), jnp.asarray(toks[r])]
+        worst = max(worst, float(jnp.max(jnp.abs(ref - lps[r]))))
+    rows.append(dict(check="generate_vs_full_forward_f32", tokens_equal=same, logprob_abs_err=worst,
+                     ok=same and worst < 1e-4))
+    log(f"check generate {rows[-1]}")
+    return rows
+
+
+# ------------------------------------------------------------------------------------- timing
+def fill_random_cache(c: ModelConfig, B: int, S: int, seed: int) -> Cache:
+    """A cache of ``S`` slots holding random keys, values and states (one random block of slots tiled)."""
+    n_lin, n_full = layer_counts(c)
+    blk = math.gcd(S, 4096)
+
+    def make():
+        cache = init_cache(c, B, S)
+        k1, k2, k3 = jax.random.split(jax.random.key(seed), 3)
+        shape = (n_full, B, c.num_key_value_heads, blk, c.head_dim)
+        kb = jax.random.normal(k1, shape, jnp.float32).astype(cache.keys.dtype)
+        vb = jax.random.normal(k2, shape, jnp.float32).astype(cache.values.dtype)
+
+        def body(i, kv):
+            at = (0, 0, 0, i * blk, 0)
+            return jax.lax.dynamic_update_slice(kv[0], kb, at), jax.lax.dynamic_update_slice(kv[1], vb, at)
+
+        keys, values = jax.lax.fori_loop(0, S // blk, body, (cache.keys, cache.values))
+        states = 0.05 * jax.random.normal(k3, cache.lightning.shape, jnp.float32)
+        return cache._replace(lightning=states, keys=keys, values=values)
+
+    return jax.jit(make)()
+
+
+class Budget:
+    def __init__(self, seconds: float):
+        self.end = time.perf_counter() + seconds
+
+    def left(self) -> float:
+        return self.end - time.perf_counter()
+
+
+def run_decode(name, model, c, B, contexts, steps, repeats, bw, budget, rows, save):
+    slots = -(-(max(contexts) + (repeats + 2) * steps + 8) // 256) * 256
+    need = cache_bytes(c, slots, B)
+    log(f"decode {name} B={B}: cache of {slots} slots, {need / 2**30:.1f} GiB")
+    try:
+        cache = fill_random_cache(c, B, slots, seed=B)
+        sess = Session(model, np.ones((B, 1), np.int32), max_new_tokens=steps, slots=slots)
+        logits = jax.random.normal(jax.random.key(0), (B, c.vocab_size), jnp.float32)
+        cache = jax.block_until_ready(cache)
+    except Exception as e:  # noqa: BLE001  (out of memory: report and go on)
+        rows.append(dict(kind="decode", model=name, batch=B, context=max(contexts), error=f"{type(e).__name__}: {str(e)[:300]}"))
+        log(f"  failed: {rows[-1]['error']}")
+        save()
+        return
+    for ctx in sorted(contexts):
+        if budget.left() < 10:
+            log("  budget exhausted")
+            break
+        times, compile_s = [], 0.0
+        try:
+            for r in range(repeats + 1):
+                c0 = sess.timings["compile_s"]
+                sess.start_from_cache(cache._replace(length=jnp.int32(ctx)), logits)
+                d0 = sess.timings["decode_s"]
+                sess.decode()
+                compile_s += sess.timings["compile_s"] - c0
+                times.append((sess.timings["decode_s"] - d0) / (steps - 1))
+                cache = sess.state.cache
+            exe = sess.executables.get("decode")
+            temp = exe.memory_analysis().temp_size_in_bytes if exe is not None else None
+        except Exception as e:  # noqa: BLE001
+            rows.append(dict(kind="decode", model=name, batch=B, context=ctx, error=f"{type(e).__name__}: {str(e)[:300]}"))
+            log(f"  {label(ctx)} failed: {rows[-1]['error']}")
+            save()
+            return
+        fb = floor_bytes(c, B, ctx)
+        ms = 1e3 * float(np.median(times[1:]))
+        floor_ms = 1e3 * fb["total"] / bw
+        rows.append(dict(kind="decode", model=name, batch=B, context=ctx, ms_per_token=ms, floor_ms=floor_ms,
+                         vs_floor=ms / floor_ms, floor_bytes=fb, compile_s=compile_s, cache_slots=slots,
+                         cache_bytes=need, temp_bytes=temp, **mem_stats(), times_ms=[1e3 * t for t in times]))
+        log(f"  {name} B={B} {label(ctx)}: {ms:.3f} ms/token (floor {floor_ms:.3f} ms, x{ms / floor_ms:.1f}), "
+            f"compile {compile_s:.1f} s")
+        save()
+    del cache, sess
+
+
+def run_prefill(name, model, c, B, contexts, chunk, budget, rows, save):
+    slots = -(-(max(contexts) + 64) // 256) * 256
+    rng = np.random.default_rng(B)
+    for ctx in sorted(contexts):
+        if budget.left() < 15:
+            log("  budget exhausted")
+            break
+        try:
+            ids = rng.integers(0, c.vocab_size, (B, ctx)).astype(np.int32)
+            reps = 1 if B * ctx >= (1 << 19) else 3
+            ts, compile_s = [], 0.0
+            for _ in range(reps):
+                sess = Session(model, ids, max_new_tokens=1, prefill_chunk=chunk, slots=slots)
+                sess.prefill()
+                compile_s += sess.timings["compile_s"]
+                ts.append(sess.timings["prefill_s"])
+                del sess
+            t = float(np.median(ts))
+        except Exception as e:  # noqa: BLE001
+            rows.append(dict(kind="prefill", model=name, batch=B, context=ctx, error=f"{type(e).__name__}: {str(e)[:300]}"))
+            log(f"  prefill {name} B={B} {label(ctx)} failed: {rows[-1]['error']}")
+            save()
+            return
+        rows.append(dict(kind="prefill", model=name, batch=B, context=ctx, seconds=t, tokens_per_s=B * ctx / t,
+                         compile_s=compile_s, chunk=chunk, cache_slots=slots, **mem_stats()))
+        log(f"  prefill {name} B={B} {label(ctx)}: {t:.3f} s, {B * ctx / t:,.0f} tok/s, compile {compile_s:.1f} s")
+        save()
+
+
+# ------------------------------------------------------------------------------------- report
+def table(rows) -> str:
+    lines = ["| model | batch | context | decode ms/token | floor ms | x floor | prefill tok/s | prefill s | "
+             "compile s | peak GiB |", "|---|---|---|---|---|---|---|---|---|---|"]
+    keys = sorted({(r["model"], r["batch"], r["context"]) for r in rows}, key=lambda k: (k[0], k[1], k[2]))
+    for m, b, ctx in keys:
+        d = next((r for r in rows if r["kind"] == "decode" and (r["model"], r["batch"], r["context"]) == (m, b, ctx)), None)
+        p = next((r for r in rows if r["kind"] == "prefill" and (r["model"], r["batch"], r["context"]) == (m, b, ctx)), None)
+
+        def f(r, k, fmt):
+            if r is None:
+                return "-"
+            if "error" in r:
+                return "fails"
+            return fmt.format(r[k]) if r.get(k) is not None else "-"
+        peak = max([r.get("peak_bytes_in_use", 0) for r in (d, p) if r and "error" not in r] or [0])
+        comp = sum(r.get("compile_s", 0.0) for r in (d, p) if r and "error" not in r)
+        lines.append(f"| {m} | {b} | {label(ctx)} | {f(d, 'ms_per_token', '{:.3f}')} | {f(d, 'floor_ms', '{:.3f}')} | "
+                     f"{f(d, 'vs_floor', '{:.1f}')} | {f(p, 'tokens_per_s', '{:,.0f}')} | {f(p, 'seconds', '{:.2f}')} | "
+                     f"{comp:.0f} | {peak / 2**30:.1f} |")
+    return "\n".join(lines)
+
+
+def plot(rows, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(12, 4.5))
+    for (m, b), style in ((("hybrid", 1), "C0-"), (("twin", 1), "C1-"), (("hybrid", 64), "C0--"), (("twin", 64), "C1--")):
+        d = sorted([r for r in rows if r["kind"] == "decode" and r["model"] == m and r["batch"] == b and "error" not in r],
+                   key=lambda r: r["context"])
+        if d:
+            a1.plot([r["context"] for r in d], [r["ms_per_token"] for r in d], style, marker="o", label=f"{m} B={b}")
+            a1.plot([r["context"] for r in d], [r["floor_ms"] for r in d], style[:2] + ":", alpha=0.6,
+                    label=f"{m} B={b} floor")
+        p = sorted([r for r in rows if r["kind"] == "prefill" and r["model"] == m and r["batch"] == b and "error" not in r],
+                   key=lambda r: r["context"])
+        if p:
+            a2.plot([r["context"] for r in p], [r["tokens_per_s"] for r in p], style, marker="o", label=f"{m} B={b}")
+    for a, t, y in ((a1, "decode (ms per step, dotted: memory floor)", "ms / token"), (a2, "prefill", "tokens / s")):
+        a.set_xscale("log", base=2)
+        a.set_yscale("log")
+        a.set_xlabel("context (tokens)")
+        a.set_ylabel(y)
+        a.set_title(t)
+        a.grid(True, which="both", alpha=0.3)
+        a.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--out", default="generate_out")
+    ap.add_argument("--quick", action="store_true", help="CPU smoke test: tiny model, short contexts")
+    ap.add_argument("--models", default="hybrid,twin")
+    ap.add_argument("--batches", default="1,64")
+    ap.add_argument("--contexts", default="1K,8K,32K,128K,512K,1M")
+    ap.add_argument("--steps", type=int, default=33, help="tokens per decode run (the loop runs steps - 1 forwards)")
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--prefill-tokens", type=int, default=1 << 20, help="largest batch x context prefilled for real")
+    ap.add_argument("--twin-prefill-max", type=int, default=1 << 17)
+    ap.add_argument("--twin-cache-gib", type=float, default=100.0, help="largest KV cache tried for the twin")
+    ap.add_argument("--budget-s", type=float, default=480.0, help="stop starting new cases after this")
+    ap.add_argument("--no-check", action="store_true")
+    ap.add_argument("--compile-cache", default=None, help="persistent XLA compilation cache folder")
+    args = ap.parse_args(argv)
+    os.makedirs(args.out, exist_ok=True)
+    if args.compile_cache:
+        jax.config.update("jax_compilation_cache_dir", args.compile_cache)
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+    budget = Budget(args.budget_s)
+    quick = args.quick
+    contexts = [64, 256] if quick and args.contexts == ap.get_default("contexts") else parse_contexts(args.contexts)
+    batches = [1, 4] if quick and args.batches == ap.get_default("batches") else [int(b) for b in args.batches.split(",")]
+    steps, repeats = (5, 2) if quick else (args.steps, args.repeats)
+    dev = jax.devices()[0]
+    meta = dict(date=datetime.date.today().isoformat(), device=getattr(dev, "device_kind", str(dev)),
+                platform=jax.default_backend(), jax=jax.__version__, flax=nnx.__name__ and __import__("flax").__version__,
+                python=platform.python_version(), command=" ".join(["python", "benchmarks/generate.py", *(argv or sys.argv[1:])]))
+    log(f"{meta}")
+    checks = []
+    if not args.no_check:
+        try:
+            checks = check_paths(quick)
+        except Exception as e:  # noqa: BLE001
+            checks = [dict(check="crashed", error=f"{type(e).__name__}: {e}", trace=traceback.format_exc()[-3000:], ok=False)]
+            log(f"checks crashed: {e}")
+        with open(os.path.join(args.out, "checks.json"), "w") as f:
+            json.dump(checks, f, indent=1)
+    bw = read_bandwidth(quick)
+    meta["read_bandwidth_GBps"] = bw / 1e9
+    log(f"read bandwidth {bw / 1e9:.0f} GB/s")
+    rows: list[dict] = []
+
+    def save():
+        with open(os.path.join(args.out, "generate.json"), "w") as f:
+            json.dump(dict(meta=meta, checks=checks, rows=rows), f, indent=1, default=str)
+
+    cfgs = configs(quick)
+    for name in [m for m in ("hybrid", "twin") if m in args.models.split(",")]:
+        c = cfgs[name]
+        model = MiniMaxForCausalLM(c, rngs=nnx.Rngs(0))
+        for B in batches:
+            if budget.left() < 20:
+                break
+            ctxs = [x for x in contexts if name == "hybrid" or cache_bytes(c, x, B) <= args.twin_cache_gib * 2**30]
+            skipped = sorted(set(contexts) - set(ctxs))
+            for x in skipped:
+                rows.append(dict(kind="decode", model=name, batch=B, context=x,
+                                 error=f"not run: KV cache {cache_bytes(c, x, B) / 2**30:.0f} GiB"))
+            if ctxs:
+                run_decode(name, model, c, B, ctxs, steps, repeats, bw, budget, rows, save)
+            limit = args.prefill_tokens if name == "hybrid" else min(args.prefill_tokens, args.twin_prefill_max)
+            pctx = [x for x in contexts if B * x <= limit]
+            if pctx and budget.left() > 20:
+                chunk = max(16, min(8192, (1 << 14) // B)) if not quick else 32
+                run_prefill(name, model, c, B, pctx, chunk, budget, rows, save)
+        del model
+    save()
+    try:
+        plot(rows, os.path.join(args.out, "generate.png"))
+    except Exception as e:  # noqa: BLE001
+        log(f"plot failed: {e}")
+    print("\nchecks:", json.dumps([{k: v for k, v in r.items() if k != "trace"} for r in checks]))
+    print(f"\n{meta['device']}, jax {meta['jax']}, read bandwidth {bw / 1e9:.0f} GB/s\n")
+    print(table(rows))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
