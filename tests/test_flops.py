@@ -17,7 +17,7 @@ import pytest
 
 from m1_jax import flops as F
 from m1_jax.config import FULL, ModelConfig
-from m1_jax.flops_archs import FIGURE_COEFFS, deepseek_r1, figure_flops, minimax_m1, qwen3_235b_a22b
+from m1_jax.flops import FIGURE_COEFFS, deepseek_r1, figure_flops, minimax_m1, qwen3_235b_a22b
 
 TINY = ModelConfig.preset("tiny")
 
@@ -100,25 +100,109 @@ def test_active_params_match_config_and_references():
     assert math.isclose(deepseek_r1().active_params - head, 35.70e9, rel_tol=1e-3)
 
 
+# ------------------------------------------------------ the reference architectures, counted by hand
+# From the public config.json files (shared/docs/reference/cispo-and-flops.md 3.4), weight by weight as
+# the checkpoints name them; every matmul weight a token uses counts once (2 FLOPs per MAC), the
+# input-embedding lookup not at all, the LM head and the router in full.
+def r1_weights():
+    """DeepSeek-R1 (V3): d 7168, 61 layers, 128 heads, MLA (q_lora 1536, kv_lora 512, nope 128, rope 64,
+    v 128), layers 0-2 dense (d_ff 18432), 58 MoE layers: 8 of 256 routed + 1 shared, d_ff 2048."""
+    mla = (7168 * 1536  # q_a_proj
+           + 1536 * 128 * (128 + 64)  # q_b_proj
+           + 7168 * (512 + 64)  # kv_a_proj_with_mqa
+           + 512 * 128 * (128 + 128)  # kv_b_proj
+           + 128 * 128 * 7168)  # o_proj
+    dense = 3 * 7168 * 18432  # gate, up, down
+    moe = (8 + 1) * 3 * 7168 * 2048 + 7168 * 256  # routed + shared experts, router
+    return 61 * mla + 3 * dense + 58 * moe + 129_280 * 7168  # + lm_head
+
+
+def qwen3_weights():
+    """Qwen3-235B-A22B: d 4096, 94 layers, 64 q / 4 kv heads x 128, 8 of 128 experts, d_ff 1536."""
+    attn = 4096 * 64 * 128 + 2 * 4096 * 4 * 128 + 64 * 128 * 4096  # q, k, v, o
+    moe = 8 * 3 * 4096 * 1536 + 4096 * 128
+    return 94 * (attn + moe) + 151_936 * 4096
+
+
+def m1_weights():
+    """MiniMax-M1: d 6144, 80 layers (70 lightning, 10 softmax), 64 heads x 128, 8 kv heads, 2 of 32
+    experts, d_ff 9216, vocab 200064."""
+    lightning = 3 * 6144 * 64 * 128 + 6144 * 64 * 128 + 64 * 128 * 6144  # qkv, output_gate, out_proj
+    softmax = 6144 * 64 * 128 + 2 * 6144 * 8 * 128 + 64 * 128 * 6144  # q, k, v, o
+    moe = 2 * 3 * 6144 * 9216 + 6144 * 32
+    return 70 * lightning + 10 * softmax + 80 * moe + 200_064 * 6144
+
+
+# Per generated token at 0-based position t (t + 1 keys visible): 2 N + c_lin + k (t + 1), so
+# F(L) = (2 N + c_lin) L + k L (L + 1) / 2 (cispo-and-flops.md 3.3), with k the softmax cores' FLOPs per
+# key: 2 heads (d_qk + d_v) a layer (QK^T and AV), and c_lin the recurrent lightning state update
+# k^T v and readout q S: 2 x 2 d^2 FLOPs per head and layer.
+K_R1 = 61 * 2 * 128 * (192 + 128)  # naive MLA: decompressed keys (128 nope + 64 rope) and values
+K_R1_ABSORBED = 61 * 2 * 128 * ((512 + 64) + 512)  # scores over latent + rope, values in the latent
+K_QWEN = 94 * 2 * 64 * (128 + 128)
+K_M1 = 10 * 2 * 64 * (128 + 128)
+C_LIN_M1 = 70 * 64 * 2 * 2 * 128 * 128
+
+
+def hand_generation_flops(n_weights, k, c_lin, L):
+    return (2 * n_weights + c_lin) * L + k * L * (L + 1) // 2
+
+
 def test_reference_architectures_option_b_and_c():
     r1, qw, m1 = deepseek_r1(), qwen3_235b_a22b(), minimax_m1()
-    assert F.quadratic_coeffs(r1)[1] == 61 * 128 * (192 + 128)  # k/2, naive MLA
-    assert F.quadratic_coeffs(qw)[1] == 94 * 64 * 256
-    assert F.quadratic_coeffs(m1)[1] == 10 * 64 * 256
-    assert F.quadratic_coeffs(r1, F.DECODE.replace(mla="absorbed"))[1] == 61 * 128 * (576 + 512)
-    ratio = lambda L, c=F.DECODE: F.generation_flops(m1, L) / F.generation_flops(r1, L, c)
-    assert round(ratio(65536), 3) == 0.445 and round(ratio(100_000), 3) == 0.344
-    ab = F.DECODE.replace(mla="absorbed")
-    assert round(ratio(65536, ab), 3) == 0.167 and round(ratio(100_000, ab), 2) == 0.12
-    assert math.isclose(F.generation_flops(r1, 8192), 7.68e14, rel_tol=1e-3)
-    assert math.isclose(F.generation_flops(qw, 131072), 3.21e16, rel_tol=1e-3)
+    # our hand counts agree with the reference's computed parameter counts and k, c_lin (3.4, 3.5) ...
+    assert math.isclose(r1_weights(), 36.63e9, rel_tol=1e-3) and math.isclose(K_R1, 4.997e6, rel_tol=1e-3)
+    assert math.isclose(qwen3_weights(), 21.57e9, rel_tol=1e-3) and math.isclose(K_QWEN, 3.080e6, rel_tol=1e-3)
+    assert math.isclose(m1_weights(), 47.17e9, rel_tol=1e-3) and math.isclose(K_M1, 3.277e5, rel_tol=1e-3)
+    assert math.isclose(C_LIN_M1, 2.94e8, rel_tol=1e-2) and math.isclose(K_R1_ABSORBED, 1.699e7, rel_tol=1e-3)
+    # ... and the code's architectures give exactly the hand counts
+    assert (r1.active_params, qw.active_params, m1.active_params) == (r1_weights(), qwen3_weights(), m1_weights())
+    absorbed = F.DECODE.replace(mla="absorbed")
+    want = {"R1": (r1_weights(), K_R1, 0), "R1 absorbed": (r1_weights(), K_R1_ABSORBED, 0),
+            "Qwen3": (qwen3_weights(), K_QWEN, 0), "M1": (m1_weights(), K_M1, C_LIN_M1)}
+    got = {"R1": (r1, F.DECODE), "R1 absorbed": (r1, absorbed), "Qwen3": (qw, F.DECODE), "M1": (m1, F.DECODE)}
+    for L in (1, 8192, 65536, 100_000, 131072):
+        for name, (n, k, c) in want.items():
+            arch, conv = got[name]
+            assert math.isclose(F.generation_flops(arch, L, conv), hand_generation_flops(n, k, c, L),
+                                rel_tol=1e-12), (name, L)
+    for name, (n, k, c) in want.items():  # F(L) = a L + b L^2 with b = k / 2
+        arch, conv = got[name]
+        a, b = F.quadratic_coeffs(arch, conv)
+        assert math.isclose(a, 2 * n + c + k / 2, rel_tol=1e-12) and b == k / 2, name
+    # Option B and C tables of the reference (3.5; 3 significant digits)
+    hand = lambda name, L: hand_generation_flops(*want[name], L)
+    table_b = {8192: (7.68e14, 4.57e14, 7.86e14), 65536: (1.553e16, 9.44e15, 6.91e15),
+               100_000: (3.23e16, 1.97e16, 1.11e16), 131072: (5.25e16, 3.21e16, 1.52e16)}
+    for L, (r1_f, qw_f, m1_f) in table_b.items():
+        for name, v in (("R1", r1_f), ("Qwen3", qw_f), ("M1", m1_f)):
+            assert math.isclose(hand(name, L), v, rel_tol=5e-3), (name, L)
+    ratio = lambda L, r="R1": F.generation_flops(m1, L) / F.generation_flops(r1, L, absorbed if "abs" in r else F.DECODE)
+    assert round(ratio(65536), 3) == round(hand("M1", 65536) / hand("R1", 65536), 3) == 0.445
+    assert round(ratio(100_000), 3) == round(hand("M1", 100_000) / hand("R1", 100_000), 3) == 0.344
+    for L, v in ((8192, 0.67), (32768, 0.28), (65536, 0.167), (100_000, 0.120), (131072, 0.098)):  # option C
+        assert math.isclose(ratio(L, "R1 absorbed"), v, abs_tol=0.006), L
+        assert math.isclose(hand("M1", L) / hand("R1 absorbed", L), ratio(L, "R1 absorbed"), rel_tol=1e-12)
 
 
 def test_figure_data():
-    assert set(FIGURE_COEFFS) == {"DeepSeek-R1", "Qwen3-235B-A22B", "MiniMax-M1"}
+    # cispo-and-flops.md 3.2: the figure's exact fits, typed from the reference (b decoded by hand)
+    fits = {"DeepSeek-R1": (7.54145e10, 61 * 128 * 448), "Qwen3-235B-A22B": (4.30367e10, 94 * 64 * 384),
+            "MiniMax-M1": (1.04531e11, 8 * 64 * 384)}
+    assert set(FIGURE_COEFFS) == set(fits)
+    for name, (a, b) in fits.items():
+        assert math.isclose(FIGURE_COEFFS[name][0], a, rel_tol=1e-9) and FIGURE_COEFFS[name][1] == b, name
+        for L in (1024, 8192, 100_000, 131072):
+            assert math.isclose(figure_flops(name, L), a * L + b * L * L, rel_tol=1e-12), (name, L)
+    # the values read off the figure (3.2's table, 3-4 significant digits)
+    table = {8192: (8.53e14, 5.08e14, 8.70e14), 32768: (6.23e15, 3.89e15, 3.64e15),
+             65536: (1.997e16, 1.274e16, 7.70e15), 100_000: (4.25e16, 2.74e16, 1.24e16),
+             131072: (7.00e16, 4.53e16, 1.71e16)}
+    for L, vals in table.items():
+        for name, v in zip(("DeepSeek-R1", "Qwen3-235B-A22B", "MiniMax-M1"), vals):
+            assert math.isclose(figure_flops(name, L), v, rel_tol=5e-3), (name, L)
     r = lambda L: figure_flops("MiniMax-M1", L) / figure_flops("DeepSeek-R1", L)
-    assert round(r(65536), 3) == 0.385 and round(r(100_000), 3) == 0.292
-    assert math.isclose(figure_flops("DeepSeek-R1", 65536), 1.997e16, rel_tol=1e-3)
+    assert round(r(65536), 3) == 0.385 and round(r(100_000), 3) == 0.292 and round(r(131072), 3) == 0.244
 
 
 def test_report_runs(tmp_path, capsys):

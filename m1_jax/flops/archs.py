@@ -1,13 +1,13 @@
 """Reference architectures for the FLOPs comparison and the data of the paper's Figure 1 (right).
 
-Configs are the public Hugging Face ``config.json`` values (DeepSeek-V3/R1, Qwen3-235B-A22B); see
-``/work/shared/docs/reference/cispo-and-flops.md`` section 3.4 and ``docs/flops.md``.
+Configs are the public Hugging Face ``config.json`` values of DeepSeek-V3/R1 (``deepseek-ai/DeepSeek-R1``)
+and Qwen3-235B-A22B (``Qwen/Qwen3-235B-A22B``); docs/flops.md lists them with the derivation.
 """
 
 from __future__ import annotations
 
 from m1_jax.config import ModelConfig
-from m1_jax.flops import Arch, Layer, arch_from_config
+from m1_jax.flops.model import Arch, Layer, arch_from_config
 
 # Figure 1 (right) of arXiv 2506.13585, read from the PDF's vector data: F(L) = a L + b L^2 fits every
 # marker (L = 1024 + 8192 k) to a relative residual below 1e-8.

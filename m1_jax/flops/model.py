@@ -33,14 +33,15 @@ step is 3x the forward (backward = 2x: gradients for activations and for weights
 rematerialisation (``train_flops_per_token``, ``train_step_flops``; the training loop calls the latter).
 
 The paper's Figure 1 (right) data (``FIGURE_COEFFS``, exact fits F(L) = a L + b L^2) and the
-reference architectures live in ``m1_jax.flops_archs``; the table, plot and CLI in
-``m1_jax.flops_report`` (``python -m m1_jax.flops``).
+reference architectures live in ``m1_jax.flops.archs``; the table, plot and CLI in
+``m1_jax.flops.report`` (``python -m m1_jax.flops``). Every public name is importable from
+``m1_jax.flops``.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Sequence, Union
+from typing import Union
 
 from m1_jax.config import FULL, LINEAR, ModelConfig
 
@@ -332,14 +333,3 @@ def train_step_flops(config: Model, batch_size: int, seq_len: int, *, recompute:
 def mfu(config: Model, batch_size: int, seq_len: int, step_seconds: float, peak_flops: float) -> float:
     """Model FLOPs utilisation of one step; ``peak_flops`` is the whole job's peak (chips x per-chip)."""
     return train_step_flops(config, batch_size, seq_len) / step_seconds / peak_flops
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m m1_jax.flops`` / ``m1-jax flops``: print the table, check the claims, write the plot."""
-    from m1_jax import flops_report
-
-    return flops_report.main(argv)
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

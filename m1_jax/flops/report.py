@@ -7,9 +7,9 @@ import json
 import os
 from typing import Sequence
 
-from m1_jax import flops as F
+import m1_jax.flops.model as F
 from m1_jax.config import ModelConfig
-from m1_jax.flops_archs import (APPROX_REL_TOL, CLAIMS, FIGURE_COEFFS, deepseek_r1, figure_flops, minimax_m1,
+from m1_jax.flops.archs import (APPROX_REL_TOL, CLAIMS, FIGURE_COEFFS, deepseek_r1, figure_flops, minimax_m1,
                                 qwen3_235b_a22b)
 
 DEFAULT_LENGTHS = (8192, 32768, 65536, 100_000, 131072)
