@@ -1,7 +1,7 @@
-"""``m1-jax`` command line: ``m1-jax {convert,flops,generate,bench,demo} ...``.
+"""``m1-jax`` command line: ``m1-jax {convert,flops,generate,train} ...`` (also ``python -m m1_jax.cli``).
 
 Each subcommand lives in its own module with a ``main(argv)``; they are imported lazily so that one
-command never pays for another's imports.
+command never pays for another's imports. ``m1-jax COMMAND --help`` shows a command's options.
 """
 
 from __future__ import annotations
@@ -14,13 +14,15 @@ SUBCOMMANDS = {
     "flops": ("m1_jax.flops", "analytic FLOPs table and the paper's figure (see docs/flops.md)"),
     "generate": ("m1_jax.cli.generate", "continue prompts with a checkpoint (cached decoding, sampling)"),
     "train": ("m1_jax.train", "pretraining from gin configs (same as python train.py; see docs/training.md)"),
-    "demo": ("m1_jax.demo", "train the tiny preset on the bundled corpus for a few steps"),
 }
+# Commands that may run on many hosts start jax.distributed first, as train.py does (a no-op on one machine).
+DISTRIBUTED = ("train",)
 
 
 def usage() -> str:
     lines = ["usage: m1-jax COMMAND [ARGS...]", "", "commands:"]
     lines += [f"  {name:<10} {help_}" for name, (_, help_) in SUBCOMMANDS.items()]
+    lines += ["", "m1-jax COMMAND --help shows the options of one command."]
     return "\n".join(lines)
 
 
@@ -33,8 +35,18 @@ def main(argv: list[str] | None = None) -> int:
     if name not in SUBCOMMANDS:
         print(f"m1-jax: unknown command {name!r}\n\n{usage()}", file=sys.stderr)
         return 2
+    if name in DISTRIBUTED:
+        import sharding
+
+        sharding.initialize_distributed()  # multi-host: from the environment
     module = importlib.import_module(SUBCOMMANDS[name][0])
-    return int(module.main(rest) or 0)
+    try:
+        return int(module.main(rest) or 0)
+    except SystemExit as e:  # argparse's --help and usage errors: the same exit status, returned
+        if e.code is None or isinstance(e.code, int):
+            return e.code or 0
+        print(e.code, file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":
