@@ -27,6 +27,7 @@ from jax.experimental import pallas as pl
 
 from pallas_kernels.lightning import common as cm
 from pallas_kernels.lightning import gpu_triton as gt
+from pallas_kernels.lightning import triton_common as tc
 
 F32 = jnp.float32
 
@@ -56,7 +57,7 @@ def _memory_kernel(lam_ref, k_ref, v_ref, m_ref, *, T, C, L, prec):
 
     def body(j, S):
         b, g = cm.state_decay(lam, row, cm.real_rows(p * L + j, C, T))
-        sl = gt._chunk(j, C)
+        sl = tc.chunk_slice(j, C)
         return cm.state_update(k_ref[sl, :], v_ref[sl, :], S, b, g, prec)
 
     m_ref[...] = lax.fori_loop(0, L, body, jnp.zeros(m_ref.shape, F32))
@@ -70,7 +71,7 @@ def _seg_fused_kernel(lam_ref, q_ref, k_ref, v_ref, z_ref, o_ref, *, T, C, L, pr
     D, a = cm.intra_decay(lam, row, col)
 
     def body(j, S):
-        sl = gt._chunk(j, C)
+        sl = tc.chunk_slice(j, C)
         q, k, v = q_ref[sl, :], k_ref[sl, :], v_ref[sl, :]
         o_ref[sl, :] = cm.fwd_out(q, k, v, S, D, a, prec).astype(o_ref.dtype)
         b, g = cm.state_decay(lam, row, cm.real_rows(p * L + j, C, T))
@@ -80,7 +81,7 @@ def _seg_fused_kernel(lam_ref, q_ref, k_ref, v_ref, z_ref, o_ref, *, T, C, L, pr
 
 
 def fwd_segments_fused(q, k, v, decay, h0, *, T, C, L, BK=32, BV=32, BV_fused=64, num_warps=4, num_stages=2,
-                       interpret=False):
+                       f32_precision="ieee", interpret=False):
     """Three phases without per-chunk states in memory: segment memories (parallel over segments),
     the XLA join, then the fused sequential forward per (segment, value tile) from its entering state."""
     B, H, Tp, Dk = q.shape
@@ -88,9 +89,9 @@ def fwd_segments_fused(q, k, v, decay, h0, *, T, C, L, BK=32, BV=32, BV_fused=64
     N = Tp // C
     P = N // L
     BK, BV, BVf = min(BK, Dk), min(BV, Dv), min(BV_fused, Dv)
-    prec = cm.precision_for(q.dtype)
-    kw = dict(compiler_params=gt._params(num_warps, num_stages), interpret=interpret)
-    lam5 = pl.BlockSpec((1,), lambda b, h, i, jv, p: (h,))
+    prec = tc.precision(q.dtype, f32_precision, interpret)
+    kw = dict(compiler_params=tc.compiler_params(num_warps, num_stages), interpret=interpret)
+    lam5 = tc.lam_spec(5)
     ks = pl.BlockSpec((None, None, L * C, BK), lambda b, h, i, jv, p: (b, h, p, i))
     vs = pl.BlockSpec((None, None, L * C, BV), lambda b, h, i, jv, p: (b, h, p, jv))
     ms = pl.BlockSpec((None, None, None, BK, BV), lambda b, h, i, jv, p: (b, h, p, i, jv))
@@ -100,7 +101,7 @@ def fwd_segments_fused(q, k, v, decay, h0, *, T, C, L, BK=32, BV=32, BV_fused=64
         grid=(B, H, Dk // BK, Dv // BV, P), in_specs=[lam5, ks, vs], out_specs=ms,
         name="lightning_split_memories", **kw)(decay, k, v)
     Z, ht = _join(M, decay, h0, T=T, C=C, L=L)
-    lam4 = pl.BlockSpec((1,), lambda b, h, jv, p: (h,))
+    lam4 = tc.lam_spec(4)
     qs = pl.BlockSpec((None, None, L * C, Dk), lambda b, h, jv, p: (b, h, p, 0))
     vt = pl.BlockSpec((None, None, L * C, BVf), lambda b, h, jv, p: (b, h, p, jv))
     zs = pl.BlockSpec((None, None, None, Dk, BVf), lambda b, h, jv, p: (b, h, p, 0, jv))
@@ -121,7 +122,7 @@ def _local_states_kernel(lam_ref, k_ref, v_ref, s_ref, m_ref, *, T, C, L, prec):
         n = p * L + j
         s_ref[j] = S.astype(s_ref.dtype)
         b, g = cm.state_decay(lam, row, cm.real_rows(n, C, T))
-        sl = gt._chunk(j, C)
+        sl = tc.chunk_slice(j, C)
         return cm.state_update(k_ref[sl, :], v_ref[sl, :], S, b, g, prec)
 
     m_ref[...] = lax.fori_loop(0, L, body, jnp.zeros(m_ref.shape, F32))
@@ -137,7 +138,7 @@ def _out_split_kernel(lam_ref, q_ref, k_ref, v_ref, s_ref, z_ref, o_ref, *, C, L
 
 
 def fwd(q, k, v, decay, h0, *, T, C, L=16, BK=32, BV=32, BV_out=128, num_warps=4, num_stages=2,
-        mode="states", BV_fused=64, interpret=False):
+        mode="states", BV_fused=64, f32_precision="ieee", interpret=False):
     """``mode="states"``: per-chunk states through memory, then the parallel output kernel (measured,
     the default). ``mode="fused"``: ``fwd_segments_fused`` (no per-chunk states in memory)."""
     B, H, Tp, Dk = q.shape
@@ -146,15 +147,16 @@ def fwd(q, k, v, decay, h0, *, T, C, L=16, BK=32, BV=32, BV_out=128, num_warps=4
     L = pick_segment(N, L)
     if L * 4 < min(16, N) or N // L < 2:  # no useful split: plain two-stage forward
         return gt.fwd_chunked(q, k, v, decay, h0, T=T, C=C, BK=BK, BV=BV, BV_out=BV_out, num_warps=num_warps,
-                              num_stages=num_stages, interpret=interpret)
+                              num_stages=num_stages, f32_precision=f32_precision, interpret=interpret)
     if mode == "fused":
         return fwd_segments_fused(q, k, v, decay, h0, T=T, C=C, L=L, BK=BK, BV=BV, BV_fused=BV_fused,
-                                  num_warps=num_warps, num_stages=num_stages, interpret=interpret)
+                                  num_warps=num_warps, num_stages=num_stages, f32_precision=f32_precision,
+                                  interpret=interpret)
     P = N // L
     BK, BV, BVo = min(BK, Dk), min(BV, Dv), min(BV_out, Dv)
-    prec = cm.precision_for(q.dtype)
-    kw = dict(compiler_params=gt._params(num_warps, num_stages), interpret=interpret)
-    lam5 = pl.BlockSpec((1,), lambda b, h, i, jv, p: (h,))
+    prec = tc.precision(q.dtype, f32_precision, interpret)
+    kw = dict(compiler_params=tc.compiler_params(num_warps, num_stages), interpret=interpret)
+    lam5 = tc.lam_spec(5)
     ks = pl.BlockSpec((None, None, L * C, BK), lambda b, h, i, jv, p: (b, h, p, i))
     vs = pl.BlockSpec((None, None, L * C, BV), lambda b, h, i, jv, p: (b, h, p, jv))
     ss = pl.BlockSpec((None, None, L, BK, BV), lambda b, h, i, jv, p: (b, h, p, i, jv))
@@ -167,7 +169,7 @@ def fwd(q, k, v, decay, h0, *, T, C, L=16, BK=32, BV=32, BV_out=128, num_warps=4
 
     Z, ht = _join(M, decay, h0, T=T, C=C, L=L)
 
-    lam4 = gt._lam_spec(4)
+    lam4 = tc.lam_spec(4)
     qs = pl.BlockSpec((None, None, C, Dk), lambda b, h, n, jv: (b, h, n, 0))
     vo = pl.BlockSpec((None, None, C, BVo), lambda b, h, n, jv: (b, h, n, jv))
     st = pl.BlockSpec((None, None, None, Dk, BVo), lambda b, h, n, jv: (b, h, n, 0, jv))
