@@ -1,6 +1,6 @@
 """Per-device memory of a model on a mesh, from the parameter shapes and the rules table (no devices).
 
-    python -m sharding.memory --preset m1-80k --mesh data=1,fsdp=8,expert=8,context=1,tensor=4 \
+    python -m m1_jax.memory --preset m1-80k --mesh data=1,fsdp=8,expert=8,context=1,tensor=4 \
         --tokens-per-device 8192
 
 ``param_bytes`` / ``grad_bytes`` / ``opt_bytes`` are exact for the sharding the rules give (largest shard
@@ -12,7 +12,10 @@ from __future__ import annotations
 
 import argparse
 import math
+from typing import Sequence
 
+from m1_jax.config import ModelConfig
+from m1_jax.model import abstract_model
 from sharding.mesh import AXES, MeshConfig
 from sharding.rules import logical_to_mesh_spec, variable_logical_axes
 
@@ -37,12 +40,9 @@ def param_shards(config, sizes: dict[str, int], *, blocks_only: bool = False) ->
     import jax
     from flax import nnx
 
-    from m1_jax import MiniMaxForCausalLM
-
     mesh = _abstract_mesh(sizes)
-    model = nnx.eval_shape(lambda: MiniMaxForCausalLM(config, rngs=nnx.Rngs(0)))
     per_dev = total = 0
-    state = nnx.state(model, nnx.Param)
+    _, state = abstract_model(config)
     if blocks_only:
         state = state["blocks"]
     for v in jax.tree.leaves(state, is_leaf=lambda x: isinstance(x, nnx.Variable)):
@@ -89,8 +89,9 @@ def estimate(config, sizes: dict[str, int], tokens_per_device: int, *, param_byt
     return out
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def main(argv: Sequence[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m m1_jax.memory", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", default="m1-80k")
     ap.add_argument("--mesh", required=True, help="MeshConfig string with explicit sizes (no -1)")
     ap.add_argument("--devices", type=int, default=None, help="needed when the mesh uses -1")
@@ -98,9 +99,7 @@ def main() -> None:
     ap.add_argument("--param-bytes", type=int, default=4)
     ap.add_argument("--grad-bytes", type=int, default=4)
     ap.add_argument("--opt-bytes", type=int, default=8)
-    args = ap.parse_args()
-    from m1_jax import ModelConfig
-
+    args = ap.parse_args(argv)
     mc = MeshConfig.from_string(args.mesh)
     n = args.devices or math.prod(s for s in mc.sizes().values() if s > 0)
     sizes = mc.resolve(n)
@@ -110,7 +109,8 @@ def main() -> None:
     print(f"{args.preset} on {n} devices, mesh {sizes}, {args.tokens_per_device} tokens/device")
     for k, v in est.items():
         print(f"  {k:36s} {v:10.2f}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())
