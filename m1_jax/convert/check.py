@@ -13,6 +13,7 @@ from m1_jax.config import FULL, ModelConfig
 from m1_jax.convert.errors import CheckpointError
 from m1_jax.convert.hf_import import plan_import
 from m1_jax.convert.safetensors_io import SafetensorsFolder
+from m1_jax.convert.wording import count
 from m1_jax.model import abstract_model
 
 
@@ -37,15 +38,19 @@ class Report:
             f"hidden {c.hidden_size}, {c.num_attention_heads} heads x {c.head_dim}, {c.num_key_value_heads} kv heads, "
             f"{c.num_local_experts} experts x {c.intermediate_size} (top-{c.num_experts_per_tok}), vocab {c.vocab_size}, "
             f"rotary_dim {c.rotary_dim}, param dtype {self.dtype or c.param_dtype}",
-            f"  {self.num_tensors:,} tensors map onto {self.num_leaves} parameters "
-            f"({c.num_blocks} scanned blocks of {c.layer_period} layers)",
-            f"  {self.num_params:,} parameters ({self.num_params / 1e9:.1f}B)",
+            f"  {count(self.num_tensors, 'tensor')} map onto {count(self.num_leaves, 'parameter')} "
+            f"({count(c.num_blocks, 'scanned block')} of {count(c.layer_period, 'layer')})",
+            f"  {count(self.num_params, 'parameter')} ({_short(self.num_params)})",
         ]
         if self.dropped:
-            lines.append(f"  {self.dropped} derived HF decay buffers will be dropped")
+            lines.append(f"  {count(self.dropped, 'derived HF decay buffer')} will be dropped")
         lines.append(f"  {self.checked}")
         lines += [f"  note: {n}" for n in self.notes]
         return "\n".join(lines)
+
+
+def _short(n: int) -> str:
+    return next((f"{n / d:.1f}{u}" for d, u in ((1e9, "B"), (1e6, "M"), (1e3, "K")) if n >= d), str(n))
 
 
 def abstract_param_count(config: ModelConfig) -> tuple[int, int]:
@@ -60,8 +65,9 @@ def dry_run_hf(src: str, dtype: str | None = None) -> Report:
     missing = folder.missing_files()
     headers = len(missing) < len(folder.files)
     if headers and missing:
-        raise CheckpointError(f"{src}: {len(missing)} of the {len(folder.files)} weight files named in the index "
-                              f"do not exist, e.g. {os.path.basename(missing[0])!r}")
+        raise CheckpointError(f"{src}: {len(missing)} of the {count(len(folder.files), 'weight file')} named in the "
+                              f"index {'does' if len(missing) == 1 else 'do'} not exist, e.g. "
+                              f"{os.path.basename(missing[0])!r}")
     plan = plan_import(src, dtype=dtype, headers=headers)
     n_leaves, n_params = abstract_param_count(plan.config)
     if n_params != plan.num_params:
@@ -84,9 +90,13 @@ def dry_run_hf(src: str, dtype: str | None = None) -> Report:
 def dry_run_orbax(src: str) -> Report:
     from m1_jax.convert.orbax_io import check_orbax
 
-    config, _ = check_orbax(src)
+    config, meta = check_orbax(src)
     n_leaves, n_params = abstract_param_count(config)
     from m1_jax.convert.mapping import hf_key_map
 
+    notes = ()
+    if meta.get("_training_step_dir"):
+        notes = (f"a training checkpoint: the parameters of step {os.path.basename(meta['_training_step_dir'])} "
+                 f"({meta['_training_step_dir']}); the optimizer state is not converted",)
     return Report(src, config, len(hf_key_map(config)), n_leaves, n_params,
-                  "parameter shapes checked from the zarr metadata")
+                  "parameter shapes checked from the zarr metadata", notes=notes)

@@ -14,24 +14,38 @@ from m1_jax.dtypes import DTYPE_NAMES as DTYPES
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="m1-jax convert", description="Convert MiniMax checkpoints between "
-                                "Hugging Face safetensors folders and Orbax checkpoints, one tensor at a time.")
+                                "Hugging Face safetensors folders and Orbax checkpoints, one tensor at a time.",
+                                epilog="m1-jax convert DIRECTION --help shows the options of one direction. "
+                                       "See docs/conversion.md.")
     sub = p.add_subparsers(dest="direction", required=True)
-    a = sub.add_parser("hf-to-orbax", help="HF / original MiniMax safetensors folder -> Orbax checkpoint")
-    a.add_argument("src", help="folder with config.json, *.safetensors and model.safetensors.index.json")
-    a.add_argument("dst", nargs="?", help="Orbax checkpoint folder to create (not needed with --dry-run)")
+    a = sub.add_parser("hf-to-orbax", help="HF / original MiniMax safetensors folder -> Orbax checkpoint",
+                       description="Convert a Hugging Face / original MiniMax safetensors folder to an Orbax "
+                                   "checkpoint of the model's parameters (restores onto any mesh).")
+    a.add_argument("src", metavar="SRC", help="folder with config.json and *.safetensors (with "
+                   "model.safetensors.index.json when there are several files)")
+    a.add_argument("dst", metavar="DST", nargs="?", help="Orbax checkpoint folder to write (not needed with "
+                   "--dry-run)")
     a.add_argument("--dtype", choices=DTYPES, help="parameter dtype (default: the checkpoint's); the router "
                    "stays float32")
-    b = sub.add_parser("orbax-to-hf", help="Orbax checkpoint -> HF safetensors folder (transformers' MiniMax)")
-    b.add_argument("src", help="Orbax checkpoint folder written by hf-to-orbax or m1_jax.convert.save_orbax")
-    b.add_argument("dst", nargs="?", help="HF folder to create (not needed with --dry-run)")
+    a.add_argument("--dry-run", action="store_true", help="check config.json, the index and (when the files are "
+                   "there) the safetensors headers against the key table; read no weights")
+    b = sub.add_parser("orbax-to-hf", help="Orbax or training checkpoint -> HF safetensors folder",
+                       description="Convert an Orbax checkpoint, or a checkpoint written by train.py, to a "
+                                   "Hugging Face safetensors folder that transformers' MiniMaxForCausalLM loads.")
+    b.add_argument("src", metavar="SRC", help="an Orbax checkpoint folder (hf-to-orbax, "
+                   "m1_jax.convert.save_orbax) or a training checkpoint: a run folder (its latest step), its "
+                   "checkpoints/ folder or a step folder such as runs/tiny/checkpoints/200")
+    b.add_argument("dst", metavar="DST", nargs="?", help="HF folder to write (not needed with --dry-run)")
     b.add_argument("--dtype", choices=DTYPES, help="tensor dtype (default: the config's param_dtype)")
     b.add_argument("--router-dtype", choices=DTYPES,
                    help="router (block_sparse_moe.gate) dtype (default: the source HF checkpoint's, else float32)")
-    b.add_argument("--max-shard-size", default="5GB", help="largest safetensors file (default 5GB)")
+    b.add_argument("--max-shard-size", metavar="SIZE", default="5GB",
+                   help="largest safetensors file, e.g. 500MB (default 5GB)")
+    b.add_argument("--dry-run", action="store_true", help="check the checkpoint's config, parameter tree and "
+                   "shapes (from the zarr metadata); read no weights")
     for s in (a, b):
-        s.add_argument("--dry-run", action="store_true",
-                       help="check the source's config, index and headers against the key table; read no weights")
-        s.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
+        s.add_argument("--overwrite", action="store_true", help="if DST exists, replace the checkpoint files in it "
+                       "(files the converter did not write are kept)")
         s.add_argument("--quiet", action="store_true", help="no progress bar")
     return p
 
@@ -62,6 +76,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"wrote {args.dst} ({config.num_params()['total']:,} parameters)")
         return 0
     except (CheckpointError, ConfigError) as e:
+        print(f"m1-jax convert {args.direction}: error: {e}", file=sys.stderr)
+        return 1
+    except OSError as e:  # a folder that cannot be read or written
         print(f"m1-jax convert {args.direction}: error: {e}", file=sys.stderr)
         return 1
 

@@ -282,6 +282,7 @@ def _open_checked(src: str):
         config = training_checkpoint.model_config_from_run(training_checkpoint.read_run_config(step_dir), step_dir)
         src, prefix = os.path.join(step_dir, "state"), ("params",)
         _, meta = read_orbax_layout(src)
+        meta["_training_step_dir"] = step_dir
     else:
         meta = read_metadata(src)
         config = config_from_dict(meta["config"])

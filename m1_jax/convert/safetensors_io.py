@@ -22,6 +22,7 @@ import ml_dtypes
 import numpy as np
 
 from m1_jax.convert.errors import CheckpointError
+from m1_jax.convert.wording import count
 
 INDEX_NAME = "model.safetensors.index.json"
 _MAX_HEADER = 100 * 1024 * 1024  # the safetensors library's own limit
@@ -178,8 +179,9 @@ class SafetensorsFolder:
     def _read_headers(self) -> None:
         missing = self.missing_files()
         if missing:
-            raise CheckpointError(f"{self.path}: {len(missing)} weight files named in {INDEX_NAME} do not exist, "
-                                  f"e.g. {os.path.basename(missing[0])!r}")
+            raise CheckpointError(f"{self.path}: {count(len(missing), 'weight file')} named in {INDEX_NAME} "
+                                  f"{'does' if len(missing) == 1 else 'do'} not exist, e.g. "
+                                  f"{os.path.basename(missing[0])!r}")
         for file in self.files:
             infos, meta, _ = read_header(file)
             self.metadata[file] = meta

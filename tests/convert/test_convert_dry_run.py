@@ -77,4 +77,4 @@ def test_dry_run_some_files_missing(tiny_hf, tmp_path, capsys):
     m1_jax.save_hf_checkpoint(model, config, out, max_shard_size="100KB")
     os.remove(os.path.join(out, "model-00003-of-00008.safetensors"))
     assert main(["hf-to-orbax", out, "--dry-run"]) == 1
-    assert "1 of the 8 weight files named in the index do not exist" in capsys.readouterr().err
+    assert "1 of the 8 weight files named in the index does not exist" in capsys.readouterr().err

@@ -138,7 +138,7 @@ def test_index_names_missing_file(tiny_hf, tmp_path):
     out = str(tmp_path / "sharded")
     m1_jax.save_hf_checkpoint(model, config, out, max_shard_size="100KB")
     os.remove(os.path.join(out, "model-00002-of-00008.safetensors"))
-    expect(out, "weight files named in model.safetensors.index.json do not exist",
+    expect(out, "1 weight file named in model.safetensors.index.json does not exist",
            "model-00002-of-00008.safetensors")
 
 

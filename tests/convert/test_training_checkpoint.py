@@ -6,6 +6,7 @@ import os
 import shutil
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
@@ -107,6 +108,7 @@ def test_orbax_to_hf_from_a_training_run(training_run, tmp_path, capsys):
     assert cli.main(["orbax-to-hf", os.path.join(training_run, "checkpoints", "1"), "--dry-run"]) == 0
     report = capsys.readouterr().out
     assert "checkpoints/1: OK" in report and "2 layers (1 lightning, 1 softmax)" in report
+    assert "(1 scanned block of 2 layers)" in report and "a training checkpoint: the parameters of step 1" in report
 
     assert cli.main(["orbax-to-hf", str(tmp_path), str(tmp_path / "x")]) == 1
     err = capsys.readouterr().err
