@@ -132,33 +132,63 @@ def mem_stats() -> dict:
 
 
 # ------------------------------------------------------------------------------------- correctness (GPU paths)
-def check_paths(quick: bool) -> list[dict]:
-    from pallas_kernels.attention import cache_attention, flash_attention
-
+def check_paths(quick: bool, only: set | None = None) -> list[dict]:
+    """Each check in isolation (one failing never hides the others); ``only``: names to run."""
     rows = []
+    for name, fn in (("cache_attention", check_cache_attention), ("flash_attention", check_flash_attention),
+                     ("generate", check_generate)):
+        if only and not any(o.startswith(name) for o in only):
+            continue
+        try:
+            fn(quick, rows, only)
+        except Exception as e:  # noqa: BLE001
+            rows.append(dict(check=name, error=f"{type(e).__name__}: {str(e)[:500]}", ok=False))
+            log(f"check {name} crashed: {rows[-1]['error']}")
+    return rows
+
+
+def check_cache_attention(quick, rows, only):
+    """The Pallas kernel against the XLA blockwise path (float32 math): decode, a short and a long chunk,
+    left padding, the stacked cache read at layer 1. ``only`` holding ``cache_attention_long``: the long
+    chunk only."""
+    from pallas_kernels.attention import cache_attention
+
     interpret = jax.default_backend() == "cpu"
     rng = np.random.default_rng(0)
-    D = 16 if quick else 128
+    D, N, K = (16 if quick else 128), 8, 2
+    shapes = ((3, 1, 1024), (3, 7, 1280), (2, 300, 2048))
+    if quick:
+        shapes = shapes[:2]
+    elif only and "cache_attention_long" in only:
+        shapes = shapes[2:]
     for dtype in (jnp.bfloat16, jnp.float32):
-        for B, T, S in ((3, 1, 1024), (3, 7, 1280), (2, 300, 2048)):
-            if quick and T > 7:
-                continue
-            N, K = 8, 2
-            q = jnp.asarray(rng.standard_normal((B, T, N, D)), dtype)
-            kc = jnp.asarray(rng.standard_normal((2, B, K, S, D)), dtype)
-            vc = jnp.asarray(rng.standard_normal((2, B, K, S, D)), dtype)
-            q_start = int(rng.integers(0, S - T))
-            kv_start = jnp.asarray(rng.integers(0, q_start + T, B), jnp.int32).at[0].set(0)
-            kw = dict(q_start=q_start, kv_start=kv_start, layer=1)
-            got = cache_attention(q, kc, vc, backend="pallas_gpu", interpret=interpret, **kw)
-            ref = cache_attention(q.astype(jnp.float32), kc.astype(jnp.float32), vc.astype(jnp.float32),
-                                  backend="xla", **kw)
-            err = float(jnp.max(jnp.abs(got.astype(jnp.float32) - ref)) / jnp.max(jnp.abs(ref)))
-            tol = 2e-2 if dtype == jnp.bfloat16 else 1e-4
-            rows.append(dict(check="cache_attention", dtype=jnp.dtype(dtype).name, B=B, T=T, S=S, rel_err=err,
-                             ok=err < tol))
-            log(f"check cache_attention {rows[-1]}")
-    # packed rows (training): values and gradients against the XLA blockwise path
+        for B, T, S in shapes:
+            row = dict(check="cache_attention", dtype=jnp.dtype(dtype).name, B=B, T=T, S=S)
+            try:
+                q = jnp.asarray(rng.standard_normal((B, T, N, D)), dtype)
+                kc = jnp.asarray(rng.standard_normal((2, B, K, S, D)), dtype)
+                vc = jnp.asarray(rng.standard_normal((2, B, K, S, D)), dtype)
+                q_start = int(rng.integers(0, S - T))
+                kv_start = jnp.asarray(rng.integers(0, q_start + T, B), jnp.int32).at[0].set(0)
+                kw = dict(q_start=q_start, kv_start=kv_start, layer=1)
+                got = cache_attention(q, kc, vc, backend="pallas_gpu", interpret=interpret, **kw)
+                ref = cache_attention(q.astype(jnp.float32), kc.astype(jnp.float32), vc.astype(jnp.float32),
+                                      backend="xla", **kw)
+                err = float(jnp.max(jnp.abs(got.astype(jnp.float32) - ref)) / jnp.max(jnp.abs(ref)))
+                row.update(rel_err=err, ok=err < (2e-2 if dtype == jnp.bfloat16 else 1e-4))
+            except Exception as e:  # noqa: BLE001
+                row.update(error=f"{type(e).__name__}: {str(e)[:300]}", ok=False)
+            rows.append(row)
+            log(f"check {row}")
+
+
+def check_flash_attention(quick, rows, only):
+    """Packed rows (training): values and gradients against the XLA blockwise path."""
+    from pallas_kernels.attention import flash_attention
+
+    rng = np.random.default_rng(1)
+    interpret = jax.default_backend() == "cpu"
+    D = 16 if quick else 128
     B, T, N, K = (2, 37, 4, 2) if quick else (2, 1000, 8, 2)
     seg = np.zeros((B, T), np.int32)
     for b in range(B):
@@ -186,7 +216,11 @@ def check_paths(quick: bool) -> list[dict]:
         rows.append(dict(check="flash_attention_packed", dtype=jnp.dtype(dtype).name, B=B, T=T, rel_err=err,
                          grad_rel_err=gerr, ok=err < 2e-2 and gerr < 5e-2))
         log(f"check flash_attention {rows[-1]}")
-    # the engine on this platform: cached greedy = full forward (float32 tiny model, reference lightning)
+
+
+def check_generate(quick, rows, only):
+    """The engine on this platform: cached greedy = full forward (float32 tiny model, reference lightning)."""
+    rng = np.random.default_rng(2)
     c = ModelConfig.preset("tiny", num_hidden_layers=4, layer_types=(LINEAR, FULL) * 2, vocab_size=97,
                            lightning_backend="reference", moe_impl="dense")
     model = MiniMaxForCausalLM(c, rngs=nnx.Rngs(1))
@@ -208,7 +242,6 @@ def check_paths(quick: bool) -> list[dict]:
     rows.append(dict(check="generate_vs_full_forward_f32", tokens_equal=same, logprob_abs_err=worst,
                      ok=same and worst < 1e-4))
     log(f"check generate {rows[-1]}")
-    return rows
 
 
 # ------------------------------------------------------------------------------------- timing
@@ -319,11 +352,57 @@ def run_prefill(name, model, c, B, contexts, chunk, budget, rows, save):
         save()
 
 
+def run_breakdown(name, model, c, B, rows, save, iters=50):
+    """Where a decode step goes: the MoE of every layer alone, and the final norm + LM head + argmax alone,
+    each at decode shapes ([B, 1, hidden]) inside a ``fori_loop`` like the decode loop (ms per step)."""
+    graphdef, state = nnx.split(model.blocks)
+    x0 = jax.random.normal(jax.random.key(3), (B, 1, c.hidden_size), jnp.float32).astype(as_dtype(c.dtype))
+
+    def moe_all(state, x):
+        def one_step(i, x):
+            def body(h, st):
+                block = nnx.merge(graphdef, st)
+                for layer in block.layers:
+                    h = h + 0.01 * layer.block_sparse_moe(h)[0]
+                return h, None
+            return jax.lax.scan(body, x, state)[0]
+        return jax.lax.fori_loop(0, iters, one_step, x)
+
+    head_g, head_s = nnx.split(model)
+
+    def head(st, x):
+        m = nnx.merge(head_g, st)
+
+        def one_step(i, carry):
+            x, tok = carry
+            t = jnp.argmax(m.logits(m.norm(x))[:, 0], axis=-1).astype(jnp.int32)
+            return x + 0.001 * t[:, None, None].astype(x.dtype), tok + t
+        return jax.lax.fori_loop(0, iters, one_step, (x, jnp.zeros((B,), jnp.int32)))
+
+    out = {}
+    for part, fn, args in (("moe_all_layers", moe_all, (state, x0)), ("norm_lm_head_argmax", head, (head_s, x0))):
+        try:
+            f = jax.jit(fn).lower(*args).compile()
+            jax.block_until_ready(f(*args))
+            ts = []
+            for _ in range(3):
+                t = time.perf_counter()
+                jax.block_until_ready(f(*args))
+                ts.append((time.perf_counter() - t) / iters)
+            out[part] = 1e3 * float(np.median(ts))
+        except Exception as e:  # noqa: BLE001
+            out[part] = f"{type(e).__name__}: {str(e)[:200]}"
+    rows.append(dict(kind="breakdown", model=name, batch=B, context=0, **{f"{k}_ms": v for k, v in out.items()}))
+    log(f"  breakdown {name} B={B}: {out}")
+    save()
+
+
 # ------------------------------------------------------------------------------------- report
 def table(rows) -> str:
     lines = ["| model | batch | context | decode ms/token | floor ms | x floor | prefill tok/s | prefill s | "
              "compile s | peak GiB |", "|---|---|---|---|---|---|---|---|---|---|"]
-    keys = sorted({(r["model"], r["batch"], r["context"]) for r in rows}, key=lambda k: (k[0], k[1], k[2]))
+    keys = sorted({(r["model"], r["batch"], r["context"]) for r in rows if r["kind"] in ("decode", "prefill")},
+                  key=lambda k: (k[0], k[1], k[2]))
     for m, b, ctx in keys:
         d = next((r for r in rows if r["kind"] == "decode" and (r["model"], r["batch"], r["context"]) == (m, b, ctx)), None)
         p = next((r for r in rows if r["kind"] == "prefill" and (r["model"], r["batch"], r["context"]) == (m, b, ctx)), None)
@@ -339,6 +418,10 @@ def table(rows) -> str:
         lines.append(f"| {m} | {b} | {label(ctx)} | {f(d, 'ms_per_token', '{:.3f}')} | {f(d, 'floor_ms', '{:.3f}')} | "
                      f"{f(d, 'vs_floor', '{:.1f}')} | {f(p, 'tokens_per_s', '{:,.0f}')} | {f(p, 'seconds', '{:.2f}')} | "
                      f"{comp:.0f} | {peak / 2**30:.1f} |")
+    for r in rows:
+        if r["kind"] == "breakdown":
+            lines.append(f"\nstep breakdown {r['model']} B={r['batch']}: MoE of all layers "
+                         f"{r.get('moe_all_layers_ms')} ms, norm + LM head + argmax {r.get('norm_lm_head_argmax_ms')} ms")
     return "\n".join(lines)
 
 
@@ -386,6 +469,17 @@ def main(argv=None) -> int:
     ap.add_argument("--twin-cache-gib", type=float, default=100.0, help="largest KV cache tried for the twin")
     ap.add_argument("--budget-s", type=float, default=480.0, help="stop starting new cases after this")
     ap.add_argument("--no-check", action="store_true")
+    ap.add_argument("--checks", default=None, help="comma list: cache_attention, cache_attention_long, "
+                    "flash_attention, generate (default: all)")
+    ap.add_argument("--no-prefill", action="store_true")
+    ap.add_argument("--prefill-batches", default=None, help="batches prefilled for real (default: all)")
+    ap.add_argument("--prefill-contexts", default=None, help="contexts prefilled for real (default: --contexts)")
+    ap.add_argument("--prefill-chunk", type=int, default=None, help="default: 16K tokens per forward, at most 8192")
+    ap.add_argument("--breakdown", action="store_true", help="time the MoE and the LM head alone at decode shapes")
+    ap.add_argument("--variant-flags", default=None,
+                    help="also run hybrid decode (batch 1 and the largest, --variant-contexts) in a subprocess "
+                         "with these XLA_FLAGS, e.g. --xla_gpu_enable_command_buffer=...")
+    ap.add_argument("--variant-contexts", default="1K,1M")
     ap.add_argument("--compile-cache", default=None, help="persistent XLA compilation cache folder")
     args = ap.parse_args(argv)
     os.makedirs(args.out, exist_ok=True)
@@ -405,7 +499,7 @@ def main(argv=None) -> int:
     checks = []
     if not args.no_check:
         try:
-            checks = check_paths(quick)
+            checks = check_paths(quick, set(args.checks.split(",")) if args.checks else None)
         except Exception as e:  # noqa: BLE001
             checks = [dict(check="crashed", error=f"{type(e).__name__}: {e}", trace=traceback.format_exc()[-3000:], ok=False)]
             log(f"checks crashed: {e}")
@@ -421,25 +515,50 @@ def main(argv=None) -> int:
             json.dump(dict(meta=meta, checks=checks, rows=rows), f, indent=1, default=str)
 
     cfgs = configs(quick)
-    for name in [m for m in ("hybrid", "twin") if m in args.models.split(",")]:
+    names = [m for m in ("hybrid", "twin") if m in args.models.split(",")]
+    # per model: decode at every batch (one compile per batch), then the real prefills
+    for name in names:
         c = cfgs[name]
-        model = MiniMaxForCausalLM(c, rngs=nnx.Rngs(0))
+        model = MiniMaxForCausalLM(c, rngs=nnx.Rngs(0))  # one model at a time: batch 64 x 1M leaves little room
         for B in batches:
             if budget.left() < 20:
                 break
             ctxs = [x for x in contexts if name == "hybrid" or cache_bytes(c, x, B) <= args.twin_cache_gib * 2**30]
-            skipped = sorted(set(contexts) - set(ctxs))
-            for x in skipped:
+            for x in sorted(set(contexts) - set(ctxs)):
                 rows.append(dict(kind="decode", model=name, batch=B, context=x,
                                  error=f"not run: KV cache {cache_bytes(c, x, B) / 2**30:.0f} GiB"))
             if ctxs:
                 run_decode(name, model, c, B, ctxs, steps, repeats, bw, budget, rows, save)
+            if args.breakdown and name == "hybrid" and budget.left() > 30:
+                run_breakdown(name, model, c, B, rows, save)
+        pb = None if args.prefill_batches is None else {int(b) for b in args.prefill_batches.split(",")}
+        for B in batches:
             limit = args.prefill_tokens if name == "hybrid" else min(args.prefill_tokens, args.twin_prefill_max)
-            pctx = [x for x in contexts if B * x <= limit]
+            pcs = parse_contexts(args.prefill_contexts) if args.prefill_contexts else contexts
+            pctx = [] if args.no_prefill or (pb is not None and B not in pb) else [x for x in pcs if B * x <= limit]
             if pctx and budget.left() > 20:
-                chunk = max(16, min(8192, (1 << 14) // B)) if not quick else 32
+                chunk = args.prefill_chunk or (max(16, min(8192, (1 << 14) // B)) if not quick else 32)
                 run_prefill(name, model, c, B, pctx, chunk, budget, rows, save)
         del model
+    if args.variant_flags and budget.left() > 40:
+        import subprocess
+
+        vout = os.path.join(args.out, "variant")
+        env = dict(os.environ, XLA_FLAGS=(os.environ.get("XLA_FLAGS", "") + " " + args.variant_flags).strip())
+        cmd = [sys.executable, os.path.abspath(__file__), "--out", vout, "--models", "hybrid", "--no-check",
+               "--no-prefill", "--batches", args.batches, "--contexts", args.variant_contexts,
+               "--budget-s", str(max(10.0, budget.left() - 15)), "--steps", str(steps), "--repeats", str(repeats)]
+        if args.compile_cache:
+            cmd += ["--compile-cache", args.compile_cache]
+        log(f"variant: XLA_FLAGS={env['XLA_FLAGS']}")
+        r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=max(20.0, budget.left()))
+        log(r.stdout[-2000:] + r.stderr[-1500:])
+        try:
+            with open(os.path.join(vout, "generate.json")) as f:
+                for row in json.load(f)["rows"]:
+                    rows.append(dict(row, model=f"hybrid [{args.variant_flags}]"))
+        except (OSError, ValueError) as e:
+            log(f"variant produced no results: {e}")
     save()
     try:
         plot(rows, os.path.join(args.out, "generate.png"))

@@ -81,10 +81,11 @@ def cache_attention_triton(q, k_cache, v_cache, layer, q_start, kv_start, *, sm_
     L, _, K, S, _ = k_cache.shape
     G = N // K
     R = T * G
+    wide = jnp.dtype(q.dtype).itemsize > 2  # float32 tiles take twice the shared memory: halve them
     if block_q is None:
-        block_q = 16 if R <= 16 else 32 if R <= 32 else 64 if R <= 64 else 128
+        block_q = 16 if R <= 16 else 32 if R <= 32 else 64 if R <= 64 or wide else 128
     BQ = block_q
-    BK = block_k if block_k is not None else (128 if R <= 64 else 64)
+    BK = block_k if block_k is not None else (32 if wide else 128 if R <= 64 else 64)
     if S % BK:
         raise ValueError(f"cache_attention_triton: cache length S = {S} must be a multiple of block_k = {BK}")
     n_rb = -(-R // BQ)

@@ -93,7 +93,7 @@ def cache_attention(q, k_cache, v_cache, *, q_start, kv_start, layer=None, sm_sc
     if backend == "auto":
         backend = "pallas_gpu" if _on_gpu() and _triton_suits(D, q.dtype) and cache_block_k(S) else "xla"
     if backend == "pallas_gpu":
-        bk = block_k or cache_block_k(S)
+        bk = block_k or (min(32, cache_block_k(S) or 32) if jnp.dtype(q.dtype).itemsize > 2 else cache_block_k(S))
         if not _triton_suits(D, q.dtype) or bk is None or S % bk:
             raise ValueError(f"cache_attention: backend 'pallas_gpu' needs a power-of-two head_dim in [16, 256] "
                              f"and S a multiple of 16; got D = {D}, S = {S}, dtype {q.dtype}")
