@@ -18,10 +18,14 @@ LINEAR = "linear_attention"
 FULL = "full_attention"
 LAYER_TYPES = (LINEAR, FULL)
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
-# "ragged"/"dense": single-program expert compute (GSPMD shards it like any einsum).
-# "ep_capacity"/"ep_ragged": expert-parallel dispatch under shard_map (sharding.moe_dispatch): a
-# capacity-based all-to-all (static shapes, runs everywhere) / a dropless ragged_all_to_all (GPU, TPU).
-MOE_IMPLS = ("ragged", "dense", "ep_capacity", "ep_ragged")
+# MoE implementations (m1_jax.model.moe.layer): "gmm" dropless, pairs sorted by expert, grouped GEMM
+# kernels (pallas_kernels.moe); "ragged" the same with XLA's lax.ragged_dot; "dense" every expert on
+# every token; "ep_capacity" / "ep_ragged" expert parallel over the mesh's expert axis (capacity-based
+# all-to-all, runs everywhere / dropless ragged_all_to_all, GPU and TPU); "auto" gmm, or ep_ragged
+# (GPU/TPU) / ep_capacity (CPU) when the mesh has an expert axis > 1.
+MOE_IMPLS = ("auto", "gmm", "ragged", "dense", "ep_capacity", "ep_ragged")
+# Grouped-GEMM backend of "gmm" / "ep_ragged" (pallas_kernels.moe.BACKENDS; "auto": by platform).
+MOE_BACKENDS = ("auto", "mosaic_gpu", "triton", "megablox", "xla")
 
 # DeepNorm alpha of the real 80-layer model: (2 * 80) ** 0.25.
 _M1_ALPHA = 3.5565588200778455
@@ -81,7 +85,8 @@ class ModelConfig:
     # MoE.
     router_aux_loss_coef: float = 0.001
     router_jitter_noise: float = 0.0
-    moe_impl: str = "ragged"
+    moe_impl: str = "auto"
+    moe_backend: str = "auto"
     # Slots per expert per source shard = ceil(factor * tokens * k / E) for moe_impl="ep_capacity";
     # <= 0 sizes the buffers for the worst case (never drops).
     moe_capacity_factor: float = 1.25
@@ -134,6 +139,7 @@ class ModelConfig:
         need(self.param_dtype in DTYPES, "param_dtype", f"one of {DTYPES}")
         need(self.remat in REMAT_POLICIES, "remat", f"one of {REMAT_POLICIES}")
         need(self.moe_impl in MOE_IMPLS, "moe_impl", f"one of {MOE_IMPLS}")
+        need(self.moe_backend in MOE_BACKENDS, "moe_backend", f"one of {MOE_BACKENDS}")
         need(isinstance(self.moe_capacity_factor, (int, float)) and math.isfinite(self.moe_capacity_factor),
              "moe_capacity_factor", "a finite number (<= 0: no token dropping)")
         need(self.lightning_backend in ("auto", "reference", "pallas_gpu", "pallas_tpu"),

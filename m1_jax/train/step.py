@@ -67,17 +67,53 @@ def expert_load(stats) -> dict[str, jax.Array]:
             "moe/worst_layer_max_load": jnp.max(load)}
 
 
+def cast_params_once(params, dtype: str, *, keep_head: bool):
+    """The parameter tree in the compute dtype, cast once per step before the forward (the
+    ``cast_params`` alternative to each layer casting its float32 weights at every use). The router
+    stays float32, and the LM head when the head runs in float32; gradients flow back through the
+    cast to the float32 master weights."""
+    dt = jnp.dtype(dtype)
+
+    def one(path, x):
+        keys = {getattr(k, "key", None) for k in path}
+        if "gate" in keys or (keep_head and "lm_head" in keys) or not jnp.issubdtype(x.dtype, jnp.floating):
+            return x
+        return x.astype(dt)
+
+    return jax.tree_util.tree_map_with_path(one, params)
+
+
+def _split_microbatches(batch, n: int):
+    """``[B, ...]`` -> ``[n, B / n, ...]``, microbatch i = rows i, i + n, ... (each keeps the batch sharding)."""
+    def one(x):
+        if x.shape[0] % n:
+            raise ValueError(f"microbatches = {n} must divide the batch size {x.shape[0]}")
+        return jnp.swapaxes(x.reshape((x.shape[0] // n, n) + x.shape[1:]), 0, 1)
+
+    return jax.tree.map(one, batch)
+
+
 def make_train_step(graphdef, tx, schedule, *, aux_loss_coef: float, z_loss_coef: float,
                     loss_chunk_size: int, head_dtype: str, use_segment_ids: bool = True,
-                    fault_steps: Sequence[int] = ()) -> Callable:
+                    fault_steps: Sequence[int] = (), microbatches: int = 1,
+                    cast_params: str | None = None) -> Callable:
     """``train_step(state, batch) -> (state, metrics)`` (pure; jit it with shardings).
 
     ``fault_steps``: steps whose loss and gradients are NaN (fault-injection for tests of the non-finite
-    handling; empty in real runs).
+    handling; empty in real runs). ``microbatches``: gradient accumulation, the batch split into that
+    many microbatches whose gradients are summed (a ``lax.scan``) before one optimizer update: the
+    token-weighted mean cross-entropy of the whole batch, the load-balancing loss averaged over the
+    microbatches. ``cast_params``: a dtype name to cast the parameter tree to once per step
+    (``cast_params_once``); None lets every layer cast at use.
     """
+    if not isinstance(microbatches, int) or microbatches < 1:
+        raise ValueError(f"microbatches = {microbatches!r}: expected a positive integer")
     fault = jnp.asarray(sorted(set(int(s) for s in fault_steps)) or [-1], jnp.int32)
 
-    def loss_fn(params, batch, step):
+    def loss_fn(params, batch, step, weight):
+        """This microbatch's share of the objective (``weight`` = its share of the batch's tokens)."""
+        if cast_params is not None:
+            params = cast_params_once(params, cast_params, keep_head=head_dtype == "float32")
         model = nnx.merge(graphdef, params)
         seg = batch["segment_ids"] if use_segment_ids else None
         h, stats = model.hidden_states(batch["inputs"], segment_ids=seg)
@@ -85,13 +121,36 @@ def make_train_step(graphdef, tx, schedule, *, aux_loss_coef: float, z_loss_coef
                                           z_loss_coef=z_loss_coef, chunk_size=loss_chunk_size,
                                           head_dtype=head_dtype)
         aux = load_balancing_loss(stats)
-        loss = ce_obj + aux_loss_coef * aux
+        loss = weight * ce_obj + (aux_loss_coef / microbatches) * aux
         loss = loss * jnp.where(jnp.any(fault == step), jnp.nan, 1.0)  # NaN loss and NaN gradients
         return loss, (m, aux, stats)
 
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+
+    def accumulated(params, batch, step):
+        if microbatches == 1:
+            return grad_fn(params, batch, step, 1.0)
+        mbs = _split_microbatches(batch, microbatches)
+        total = jnp.maximum(jnp.sum(batch["loss_mask"].astype(jnp.float32)), 1.0)
+
+        def body(acc, mb):
+            w = jnp.maximum(jnp.sum(mb["loss_mask"].astype(jnp.float32)), 1.0) / total
+            (loss, (m, aux, stats)), g = grad_fn(params, mb, step, w)
+            g_acc, l_acc = acc
+            g_acc = jax.tree.map(lambda a, b: a + b.astype(a.dtype), g_acc, g)
+            return (g_acc, l_acc + loss), (w, m, aux, stats)
+
+        g0 = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32 if jnp.issubdtype(p.dtype, jnp.floating)
+                                              else p.dtype), params)
+        (grads, loss), (w, m, aux, stats) = jax.lax.scan(body, (g0, jnp.zeros((), jnp.float32)), mbs)
+        grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, params)
+        m = {"ce": jnp.sum(w * m["ce"]), "z_loss": jnp.sum(w * m["z_loss"]), "tokens": jnp.sum(m["tokens"])}
+        stats = jax.tree.map(lambda s: jnp.mean(s, axis=0), stats)
+        return (loss, (m, jnp.mean(aux), stats)), grads
+
     def train_step(state, batch):
         params, step = state["params"], state["step"]
-        (loss, (m, aux, stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, batch, step)
+        (loss, (m, aux, stats)), grads = accumulated(params, batch, step)
         gnorm = global_norm(grads)
         ok = jnp.isfinite(loss) & jnp.isfinite(gnorm)
         updates, new_opt = tx.update(grads, state["opt_state"], params)

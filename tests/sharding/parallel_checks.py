@@ -2,8 +2,10 @@
 
     XLA_FLAGS=--xla_force_host_platform_device_count=8 python tests/sharding/parallel_checks.py
 
-* expert parallel capacity dispatch vs a per-expert loop oracle (same capacity rule per source shard),
-  with and without dropped tokens, outputs and gradients, plus the dropped fraction;
+* the MoE layer's expert-parallel implementations (``m1_jax.model.moe.moe_forward``: capacity dispatch
+  with and without dropped tokens, and the dropless ragged one over an emulated ragged_all_to_all) vs
+  an independent per-expert loop (its own routing and capacity rule, per source shard): outputs,
+  gradients and the dropped fraction;
 * LASP-2 lightning attention vs the single-device reference, with packed documents and an initial
   state, outputs, final state and gradients;
 * context-parallel softmax attention (all-gather K/V) vs single-device attention.
@@ -18,12 +20,12 @@ import jax.numpy as jnp
 import numpy as np
 
 import pallas_kernels
-from m1_jax.model.moe import route
+from m1_jax.model.moe import moe_forward
 from m1_jax.model.softmax_attention import causal_attention
 from sharding import MeshConfig, make_mesh
 from sharding.context_parallel import causal_attention as cp_attention
 from sharding.context_parallel import lightning_attention as cp_lightning
-from sharding.moe_dispatch import capacity, moe_capacity, moe_ragged, ragged_all_to_all_emulated
+from sharding.moe_dispatch import ragged_all_to_all_emulated
 
 
 def rel(a, b) -> float:
@@ -31,36 +33,56 @@ def rel(a, b) -> float:
     return float(np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-30))
 
 
-def moe_oracle(x, gate, w1, w3, w2, top_k, cf, groups):
-    """Per-expert Python loop. Tokens are split into ``groups`` contiguous source shards (the batch
-    sharding); each shard gives each expert C slots, filled by first choices then second choices,
-    in token order. Returns (y, dropped_fraction)."""
+def oracle_choices(x, gate, top_k, cf, groups):
+    """The discrete part of the MoE, in float64 NumPy from the definition (none of the implementation's
+    routing or capacity code): tokens are split into ``groups`` contiguous source shards (the batch
+    sharding); per shard, top-k of the softmax router, and ``C = ceil(cf * N * k / E)`` slots per expert
+    (at least 1, at most N; ``cf <= 0``: N) filled by first choices, then second choices, in token order.
+    Returns (top [groups, N, k] expert ids, keep [groups, N, k] bool)."""
     B, T, H = x.shape
-    E = w1.shape[0]
-    xg = x.reshape(groups, (B // groups) * T, H)
-    ys, kept = [], 0
+    E = gate.shape[1]
+    xg = np.asarray(x, np.float64).reshape(groups, (B // groups) * T, H)
+    tops, keeps = [], []
     for g in range(groups):
-        xf = xg[g]
-        N = xf.shape[0]
-        w, e, _ = route(xf, gate, top_k)
-        C = capacity(N, E, top_k, cf)
+        logits = xg[g] @ np.asarray(gate, np.float64)
+        probs = np.exp(logits - logits.max(-1, keepdims=True))
+        top = np.argsort(-probs, axis=1, kind="stable")[:, :top_k]
+        N = top.shape[0]
+        C = N if cf <= 0 else max(1, min(N, int(np.ceil(cf * N * top_k / E))))
         used = np.zeros(E, int)
         keep = np.zeros((N, top_k), bool)
-        e_np = np.asarray(e)
         for j in range(top_k):
             for n in range(N):
-                if used[e_np[n, j]] < C:
+                if used[top[n, j]] < C:
                     keep[n, j] = True
-                    used[e_np[n, j]] += 1
-        kept += keep.sum()
+                    used[top[n, j]] += 1
+        tops.append(top)
+        keeps.append(keep)
+    return np.stack(tops), np.stack(keeps)
+
+
+def moe_oracle(x, gate, w1, w3, w2, choices):
+    """Per-expert loop over the oracle's choices (jnp, so that it can be differentiated: the routing
+    weights are the renormalised softmax probabilities of the chosen experts). Returns (y, dropped)."""
+    top, keep = choices
+    groups, N, k = top.shape
+    B, T, H = x.shape
+    E = w1.shape[0]
+    xg = x.reshape(groups, N, H)
+    ys = []
+    for g in range(groups):
+        xf = xg[g]
+        probs = jax.nn.softmax(jnp.dot(xf, gate, precision="highest"), axis=-1)
+        w = jnp.take_along_axis(probs, jnp.asarray(top[g]), axis=1)
+        w = w / jnp.sum(w, axis=1, keepdims=True)
         y = jnp.zeros((N, H), jnp.float32)
         for ex in range(E):
-            h = jax.nn.silu(xf @ w1[ex]) * (xf @ w3[ex])
-            out = h @ w2[ex]
-            coef = jnp.sum(jnp.where((e == ex) & keep, w, 0.0), axis=1)
+            h = jax.nn.silu(jnp.dot(xf, w1[ex], precision="highest")) * jnp.dot(xf, w3[ex], precision="highest")
+            out = jnp.dot(h, w2[ex], precision="highest")
+            coef = jnp.sum(jnp.where(jnp.asarray((top[g] == ex) & keep[g]), w, 0.0), axis=1)
             y = y + coef[:, None] * out
         ys.append(y)
-    return jnp.concatenate(ys).reshape(B, T, H), 1.0 - kept / (B * T * top_k)
+    return jnp.concatenate(ys).reshape(B, T, H), 1.0 - keep.mean()
 
 
 def check_moe():
@@ -76,11 +98,13 @@ def check_moe():
         groups = mesh.shape["data"] * mesh.shape["fsdp"] * mesh.shape["expert"]
         for cf in ((-1.0, 1.0) if mesh.shape["expert"] > 1 else ()):
             def f(x, gate, w1, w3, w2):
-                y, _, d = moe_capacity(x, gate, w1, w3, w2, route_fn=route, top_k=k, capacity_factor=cf)
-                return jnp.sum(jnp.sin(y)), (y, d)
+                y, stats = moe_forward(x, gate, w1, w3, w2, impl="ep_capacity", top_k=k, capacity_factor=cf)
+                return jnp.sum(jnp.sin(y)), (y, stats.dropped_fraction)
+
+            choices = oracle_choices(x, gate, k, cf, groups)
 
             def f_ref(x, gate, w1, w3, w2):
-                y, d = moe_oracle(x, gate, w1, w3, w2, k, cf, groups)
+                y, d = moe_oracle(x, gate, w1, w3, w2, choices)
                 return jnp.sum(jnp.sin(y)), (y, d)
 
             with jax.set_mesh(mesh):
@@ -94,11 +118,13 @@ def check_moe():
 
         # the dropless ragged path, its collective emulated with a dense all_to_all (XLA:CPU has none)
         def fr(x, gate, w1, w3, w2):
-            y, _, d = moe_ragged(x, gate, w1, w3, w2, route_fn=route, top_k=k, a2a=ragged_all_to_all_emulated)
+            y, _ = moe_forward(x, gate, w1, w3, w2, impl="ep_ragged", top_k=k, a2a=ragged_all_to_all_emulated)
             return jnp.sum(jnp.sin(y)), y
 
+        choices = oracle_choices(x, gate, k, -1.0, groups)
+
         def fr_ref(x, gate, w1, w3, w2):
-            y, _ = moe_oracle(x, gate, w1, w3, w2, k, -1.0, groups)
+            y, _ = moe_oracle(x, gate, w1, w3, w2, choices)
             return jnp.sum(jnp.sin(y)), y
 
         with jax.set_mesh(mesh):

@@ -14,6 +14,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import jax
 import numpy as np
 import pytest
 from jax.sharding import AbstractMesh, PartitionSpec as P
@@ -81,22 +82,55 @@ def test_rules_table():
             pass
 
 
+def _subtrees_like(tree, structure, found=None):
+    """Every subtree of ``tree`` (tuples, named tuples, dicts) whose structure is ``structure``."""
+    found = [] if found is None else found
+    if jax.tree.structure(tree) == structure:
+        found.append(tree)
+    elif isinstance(tree, dict):
+        for v in tree.values():
+            _subtrees_like(v, structure, found)
+    elif isinstance(tree, (tuple, list)):
+        for v in tree:
+            _subtrees_like(v, structure, found)
+    return found
+
+
 def test_state_shardings_cover_model_and_optimizer():
-    import jax
-    import optax
+    """The train state (params + AdamW with clipping) on an abstract 16-device mesh, no devices needed:
+    Adam's two moments get exactly their parameters' specs, and the specs follow the rules table."""
     from flax import nnx
 
-    from m1_jax import ModelConfig, MiniMaxForCausalLM
-    from sharding import make_mesh, state_shardings
+    from m1_jax import ModelConfig
+    from m1_jax.train import step as step_lib
+    from m1_jax.train.optimizer import OptimizerConfig, make_optimizer
+    from sharding import state_shardings
+    from sharding.rules import variable_logical_axes
 
-    mesh = make_mesh(MeshConfig(fsdp=1), devices=jax.devices()[:1])
-    model = nnx.eval_shape(lambda: MiniMaxForCausalLM(ModelConfig.preset("tiny"), rngs=nnx.Rngs(0)))
-    opt = nnx.eval_shape(lambda: nnx.Optimizer(MiniMaxForCausalLM(ModelConfig.preset("tiny"), rngs=nnx.Rngs(0)),
-                                               optax.adamw(1e-3), wrt=nnx.Param))
-    for st in (nnx.state(model), nnx.state(opt)):
-        sh = state_shardings(st, mesh)
-        assert jax.tree.structure(sh) == jax.tree.structure(st)
-        assert all(isinstance(s, jax.sharding.NamedSharding) for s in jax.tree.leaves(sh))
+    mesh = _abstract(fsdp=4, tensor=2, expert=2)
+    tx, _ = make_optimizer(OptimizerConfig(), 100)
+    state = step_lib.abstract_state(ModelConfig.preset("tiny"), tx)
+    sh = state_shardings(state, mesh)
+    assert jax.tree.structure(sh) == jax.tree.structure(state)
+    assert all(isinstance(s, jax.sharding.NamedSharding) and s.mesh == mesh for s in jax.tree.leaves(sh))
+    specs = lambda t: [s.spec for s in jax.tree.leaves(t)]  # noqa: E731
+    params = specs(sh["params"])
+    moments = _subtrees_like(sh["opt_state"], jax.tree.structure(sh["params"]))
+    assert len(moments) == 2  # mu and nu
+    for m in moments:
+        assert specs(m) == params
+    # a few parameters, read off the rules: exp -> expert, embed -> fsdp (+ expert outside the experts),
+    # mlp / heads / vocab -> tensor; the layer axis and 1-d norms stay whole
+    p = sh["params"]
+    moe = p["blocks"]["layers"][0]["block_sparse_moe"]
+    assert moe["w1"].value.spec == P(None, "expert", "fsdp", "tensor")
+    assert moe["gate"].value.spec == P(None, ("fsdp", "expert"))
+    assert p["embed_tokens"].value.spec == P("tensor", ("fsdp", "expert"))
+    assert p["lm_head"].value.spec == P(("fsdp", "expert"), "tensor")
+    assert p["norm"]["weight"].value.spec == P()
+    variables = jax.tree.leaves(state["params"], is_leaf=lambda x: isinstance(x, nnx.Variable))
+    matrices = [s for s, v in zip(params, variables) if "embed" in (variable_logical_axes(v) or ())]
+    assert len(matrices) >= 10 and all(s != P() for s in matrices)  # no weight matrix is replicated
 
 
 # ------------------------------------------------------------------------------------ subprocesses
@@ -193,7 +227,7 @@ def test_m1_80k_parameters_are_fully_sharded():
     """Every axis but ``data`` shards parameters: on 256 devices each holds ~1/256 of the 456B (the
     MaxText-style "sufficiently sharded" check, from shapes only)."""
     from m1_jax import ModelConfig
-    from sharding.memory import param_shards
+    from m1_jax.memory import param_shards
 
     cfg = ModelConfig.preset("m1-80k")
     for mesh in ("fsdp=8,expert=8,tensor=4", "fsdp=4,expert=8,context=2,tensor=4", "data=2,fsdp=4,expert=8,tensor=4"):
