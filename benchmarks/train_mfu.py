@@ -1,15 +1,28 @@
-"""Training throughput and MFU of a preset on the local accelerator (synthetic tokens).
+"""Training throughput, MFU, memory and compile time of a preset on the local accelerator (synthetic tokens).
 
-    python benchmarks/train_mfu.py                       # small preset, seq 8192, a sweep of layouts
-    python benchmarks/train_mfu.py --preset tiny --seq 256 --variants b4-none --steps 3   # CPU smoke
+    python benchmarks/train_mfu.py --preset small --variants b2,b2+packed --components
+    python benchmarks/train_mfu.py --preset medium --variants b4-mb4,b4-mb4+packed --components
+    python benchmarks/train_mfu.py --preset tiny --seq 256 --variants b4 --steps 3     # CPU smoke
 
-Runs the real train step (``m1_jax.train.step``: model, chunked cross-entropy, MoE aux loss, AdamW,
-non-finite guard) jitted on one device; needs neither gin nor Grain. Rows are synthetic: random tokens,
-one document per row (no segment ids, so the Pallas lightning kernel is used on GPU); ``+packed`` rows
-pass segment ids (document-separated attention; the lightning op then uses its reference path).
-MFU = model FLOPs (``m1_jax.flops.train_step_flops``: forward x 3, causal-halved softmax attention,
-chunked lightning, k active experts + router, LM head; remat not counted) / time / peak (989 TFLOP/s
-dense bf16 for H100/H200 SXM, unless --peak_tflops).
+Runs the real train step (``m1_jax.train.step``: model, chunked cross-entropy, MoE aux loss, AdamW
+with clipping, non-finite guard) jitted on one device; needs neither gin nor Grain. A variant is
+``b<batch>`` followed by ``-`` / ``+`` options:
+
+* remat ``none`` (default) | ``full`` | ``dots`` (= ``dots_no_batch``) | ``dotsall`` (= ``dots``);
+* ``mb<n>``: gradient accumulation over n microbatches (one optimizer update per step);
+* ``packed``: four documents a row (segment ids; document-separated attention);
+* ``cast``: the parameter tree cast to bf16 once per step instead of at every use;
+* ``f32head``: float32 LM-head operands (default bf16 operands, float32 logits);
+* an MoE implementation (``gmm``, ``ragged``, ``dense``; default the preset's ``auto``) or a grouped-GEMM
+  backend (``mosaic``, ``triton``, ``xla``).
+
+Every row prints tokens/s, MFU, the step's device memory (XLA's buffer plan for the compiled step:
+arguments + outputs - aliased + temporaries), lowering and compile seconds. ``--components`` adds a
+step breakdown for the first row: one layer of each kind forward + backward, the LM head with the
+loss, and the optimizer update, each jitted and timed alone. MFU = model FLOPs
+(``m1_jax.flops.train_step_flops``: forward x 3, causal-halved softmax attention, chunked lightning,
+k active experts + router, LM head; remat not counted) / time / peak (989 TFLOP/s dense bf16 for
+H100/H200 SXM, unless --peak_tflops).
 """
 
 from __future__ import annotations
@@ -17,6 +30,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 import time
 import traceback
@@ -33,196 +47,275 @@ from m1_jax.train import step as step_lib  # noqa: E402
 from m1_jax.train.metrics import device_peak_tflops  # noqa: E402
 from m1_jax.train.optimizer import OptimizerConfig, make_optimizer  # noqa: E402
 
-# name -> (batch, remat, head_dtype, packed, moe_impl)
-VARIANTS = {
-    "b1-none": (1, "none", "bfloat16", False, "ragged"),
-    "b2-none": (2, "none", "bfloat16", False, "ragged"),
-    "b4-none": (4, "none", "bfloat16", False, "ragged"),
-    "b4-dots": (4, "dots_no_batch", "bfloat16", False, "ragged"),
-    "b4-full": (4, "full", "bfloat16", False, "ragged"),
-    "b8-full": (8, "full", "bfloat16", False, "ragged"),
-    "b2-none-f32head": (2, "none", "float32", False, "ragged"),
-    "b2-none+packed": (2, "none", "bfloat16", True, "ragged"),
-}
-DEFAULT = "b2-none,b4-full,b4-dots,b8-full,b2-none-f32head,b2-none+packed"
+GIB = 2 ** 30
+REMAT = {"none": "none", "full": "full", "dots": "dots_no_batch", "dotsall": "dots"}
+MOE_IMPLS = ("gmm", "ragged", "dense", "auto")
+BACKENDS = {"mosaic": "mosaic_gpu", "triton": "triton", "xla": "xla"}
+DEFAULT = {"small": "b2,b2+packed", "medium": "b4-mb4,b4-mb4+packed"}
 
 
-def head_only(cfg: ModelConfig, tokens: int, head_dtype: str, steps: int) -> float:
-    """Seconds of the LM head + cross-entropy forward and backward alone (the loss's share of a step)."""
-    from m1_jax.train.loss import chunked_cross_entropy
+def parse_variant(name: str) -> dict:
+    m = re.fullmatch(r"b(\d+)((?:[-+][a-z0-9_]+)*)", name)
+    if not m:
+        raise SystemExit(f"variant {name!r}: expected b<batch> followed by -/+ options (see --help)")
+    v = dict(name=name, batch=int(m.group(1)), remat="none", microbatches=1, packed=False, cast=False,
+             head_dtype="bfloat16", moe_impl=None, moe_backend=None)
+    for opt in re.findall(r"[-+]([a-z0-9_]+)", m.group(2)):
+        if opt in REMAT:
+            v["remat"] = REMAT[opt]
+        elif re.fullmatch(r"mb\d+", opt):
+            v["microbatches"] = int(opt[2:])
+        elif opt == "packed":
+            v["packed"] = True
+        elif opt == "cast":
+            v["cast"] = True
+        elif opt == "f32head":
+            v["head_dtype"] = "float32"
+        elif opt in MOE_IMPLS:
+            v["moe_impl"] = opt
+        elif opt in BACKENDS:
+            v["moe_backend"] = BACKENDS[opt]
+        else:
+            raise SystemExit(f"variant {name!r}: unknown option {opt!r}")
+    return v
 
-    k = jax.random.split(jax.random.key(0), 3)
-    h = (jax.random.normal(k[0], (1, tokens, cfg.hidden_size), jnp.float32)).astype(cfg.dtype)
-    w = jax.random.normal(k[1], (cfg.hidden_size, cfg.vocab_size), jnp.float32) * 0.02
-    t = jax.random.randint(k[2], (1, tokens), 0, cfg.vocab_size)
-    m = jnp.ones((1, tokens), jnp.float32)
-    f = jax.jit(jax.grad(lambda h, w: chunked_cross_entropy(h, w, t, m, head_dtype=head_dtype)[0], (0, 1)))
-    jax.block_until_ready(f(h, w))
+
+def config_for(preset: str, v: dict, overrides: dict) -> ModelConfig:
+    kw = dict(overrides, remat=v["remat"])
+    if v["moe_impl"]:
+        kw["moe_impl"] = v["moe_impl"]
+    if v["moe_backend"]:
+        kw["moe_backend"] = v["moe_backend"]
+    return ModelConfig.preset(preset, **kw)
+
+
+def time_fn(fn, *args, steps: int) -> float:
+    jax.block_until_ready(fn(*args))
     t0 = time.perf_counter()
     for _ in range(steps):
-        r = f(h, w)
-    jax.block_until_ready(r)
+        out = fn(*args)
+    jax.block_until_ready(out)
     return (time.perf_counter() - t0) / steps
 
 
-def components(preset: str, batch: int, seq: int, steps: int) -> dict:
-    """Seconds of one layer's forward + backward, per kind, at ``batch x seq`` tokens (where a step goes)."""
+def components(cfg: ModelConfig, v: dict, seq: int, steps: int, tx) -> dict:
+    """Seconds of one layer of each kind forward + backward, of the LM head + loss, and of the optimizer
+    update, each jitted alone at the row's microbatch (where a step goes)."""
     from flax import nnx
 
     from m1_jax.model import LightningAttention, MoE, SoftmaxAttention
+    from m1_jax.train.loss import chunked_cross_entropy
 
-    cfg = ModelConfig.preset(preset)
     dt = jnp.dtype(cfg.dtype)
-    x = (jax.random.normal(jax.random.key(0), (batch, seq, cfg.hidden_size), jnp.float32)).astype(dt)
-    pos = jnp.broadcast_to(jnp.arange(seq, dtype=jnp.int32), (batch, seq))
+    B = v["batch"] // v["microbatches"]
+    x = jax.random.normal(jax.random.key(0), (B, seq, cfg.hidden_size), jnp.float32).astype(dt)
+    pos = jnp.broadcast_to(jnp.arange(seq, dtype=jnp.int32), (B, seq))
+    seg = jnp.broadcast_to(jnp.repeat(jnp.arange(1, 5, dtype=jnp.int32), seq // 4), (B, seq)) if v["packed"] else None
     out = {}
     for name, make, call in (
         ("moe", lambda: MoE(cfg, rngs=nnx.Rngs(0)), lambda m, x: m(x)[0]),
-        ("lightning", lambda: LightningAttention(cfg, rngs=nnx.Rngs(0)), lambda m, x: m(x, 0)),
-        ("softmax", lambda: SoftmaxAttention(cfg, rngs=nnx.Rngs(0)), lambda m, x: m(x, pos)),
+        ("lightning", lambda: LightningAttention(cfg, rngs=nnx.Rngs(0)), lambda m, x: m(x, 0, segment_ids=seg)),
+        ("softmax", lambda: SoftmaxAttention(cfg, rngs=nnx.Rngs(0)), lambda m, x: m(x, pos, segment_ids=seg)),
     ):
         try:
             g, st = nnx.split(make())
             f = jax.jit(jax.grad(lambda st, x: jnp.sum(call(nnx.merge(g, st), x).astype(jnp.float32) ** 2),
                                  argnums=(0, 1)))
-            jax.block_until_ready(f(st, x))
-            t0 = time.perf_counter()
-            for _ in range(steps):
-                r = f(st, x)
-            jax.block_until_ready(r)
-            out[name + "_layer_s"] = (time.perf_counter() - t0) / steps
+            out[name + "_layer_s"] = time_fn(f, st, x, steps=steps) * v["microbatches"]
         except Exception as e:  # pragma: no cover
             out[name + "_layer_s"] = None
             print(f"  component {name} failed: {str(e).splitlines()[0][:200]}", flush=True)
+    try:
+        k = jax.random.split(jax.random.key(1), 2)
+        w = jax.random.normal(k[0], (cfg.hidden_size, cfg.vocab_size), jnp.float32) * 0.02
+        t = jax.random.randint(k[1], (B, seq), 0, cfg.vocab_size)
+        mask = jnp.ones((B, seq), jnp.float32)
+        f = jax.jit(jax.grad(lambda h, w: chunked_cross_entropy(h, w, t, mask, head_dtype=v["head_dtype"],
+                                                                chunk_size=4096)[0], (0, 1)))
+        out["head_s"] = time_fn(f, x, w, steps=steps) * v["microbatches"]
+    except Exception as e:  # pragma: no cover
+        out["head_s"] = None
+        print(f"  component head failed: {str(e).splitlines()[0][:200]}", flush=True)
+    try:
+        params = jax.jit(lambda: step_lib.init_state(cfg, tx, 0)["params"])()
+        opt = jax.jit(tx.init)(params)
+        grads = jax.tree.map(lambda p: jnp.full_like(p, 1e-3), params)
+
+        def update(params, opt, grads):
+            import optax
+            upd, opt = tx.update(grads, opt, params)
+            return optax.apply_updates(params, upd), opt
+
+        f = jax.jit(update, donate_argnums=(0, 1))
+        params, opt = f(params, opt, grads)
+        jax.block_until_ready(params)
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            params, opt = f(params, opt, grads)
+        jax.block_until_ready(params)
+        out["optimizer_s"] = (time.perf_counter() - t0) / steps
+        del params, opt, grads
+    except Exception as e:  # pragma: no cover
+        out["optimizer_s"] = None
+        print(f"  component optimizer failed: {str(e).splitlines()[0][:200]}", flush=True)
     return out
 
 
-def run_variant(name: str, preset: str, seq: int, steps: int, warmup: int, peak: float | None) -> dict:
-    batch, remat, head_dtype, packed, moe_impl = VARIANTS[name]
-    cfg = ModelConfig.preset(preset, remat=remat, moe_impl=moe_impl)
+def _memory_plan(compiled) -> float | None:
+    try:
+        m = compiled.memory_analysis()
+        return (m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes
+                + m.temp_size_in_bytes) / GIB
+    except Exception:  # pragma: no cover - backends without the analysis
+        return None
+
+
+def run_variant(v: dict, preset: str, seq: int, steps: int, warmup: int, peak: float | None, overrides: dict,
+                want_components: bool) -> dict:
+    cfg = config_for(preset, v, overrides)
+    batch, mb = v["batch"], v["microbatches"]
     tx, sched = make_optimizer(OptimizerConfig(learning_rate=1e-4, warmup_steps=10), 1000)
     mesh = sharding.make_mesh(sharding.MeshConfig())
-    t0 = time.perf_counter()
     state, shardings = step_lib.create_state(cfg, tx, 0, mesh)
     graphdef, _ = step_lib.abstract_model(cfg)
     fn = step_lib.jit_train_step(
-        step_lib.make_train_step(graphdef, tx, sched, aux_loss_coef=cfg.router_aux_loss_coef, z_loss_coef=0.0,
-                                 loss_chunk_size=4096, head_dtype=head_dtype, use_segment_ids=packed),
+        step_lib.make_train_step(graphdef, tx, sched, aux_loss_coef=cfg.router_aux_loss_coef, z_loss_coef=1e-4,
+                                 loss_chunk_size=4096, head_dtype=v["head_dtype"], use_segment_ids=v["packed"],
+                                 microbatches=mb, cast_params=cfg.dtype if v["cast"] else None),
         shardings, mesh)
     rng = np.random.default_rng(0)
 
     def batch_():
         toks = rng.integers(0, cfg.vocab_size, (batch, seq + 1), dtype=np.int32)
         seg = np.ones((batch, seq), np.int32)
-        if packed:  # four documents a row
+        if v["packed"]:  # four documents a row
             seg = np.repeat(np.arange(1, 5, dtype=np.int32), seq // 4)[None].repeat(batch, 0)
         return {"inputs": toks[:, :-1], "targets": toks[:, 1:], "segment_ids": seg,
                 "loss_mask": np.ones((batch, seq), np.float32)}
 
     batches = [batch_() for _ in range(2)]
     with jax.set_mesh(mesh):
+        t0 = time.perf_counter()
         lowered = fn.lower(state, batches[0])
+        t1 = time.perf_counter()
         compiled = lowered.compile()
-        compile_s = time.perf_counter() - t0
+        t2 = time.perf_counter()
         for i in range(warmup):
             state, m = compiled(state, batches[i % 2])
         jax.block_until_ready(m)
-        t1 = time.perf_counter()
+        t3 = time.perf_counter()
         for i in range(steps):
             state, m = compiled(state, batches[i % 2])
         jax.block_until_ready((state, m))
-        dt = (time.perf_counter() - t1) / steps
-    loss = float(m["loss"])
+        dt = (time.perf_counter() - t3) / steps
     fl = flops.train_step_flops(cfg, batch, seq)
-    n = jax.device_count()
-    tflops = fl / dt / n / 1e12
+    tflops = fl / dt / jax.device_count() / 1e12
     mem = jax.devices()[0].memory_stats() or {}
-    row = {"variant": name, "batch": batch, "seq": seq, "remat": remat, "head_dtype": head_dtype, "packed": packed,
-           "moe_impl": moe_impl, "step_s": dt, "tokens_per_s": batch * seq / dt, "tflops_per_device": tflops,
-           "mfu": tflops / peak if peak else None, "loss": loss, "compile_s": compile_s,
-           "peak_mem_gib": mem.get("peak_bytes_in_use", 0) / 2**30}
-    try:
-        row["head_s"] = head_only(cfg, batch * seq, head_dtype, steps)
-    except Exception as e:  # pragma: no cover
-        row["head_s"] = None
-        print(f"  head-only timing failed: {e}", flush=True)
-    del state, compiled, fn
+    row = {"variant": v["name"], "preset": preset, "batch": batch, "microbatches": mb, "seq": seq, "remat": v["remat"],
+           "head_dtype": v["head_dtype"], "packed": v["packed"], "cast_params": v["cast"], "moe_impl": cfg.moe_impl,
+           "moe_backend": cfg.moe_backend, "step_s": dt, "tokens_per_s": batch * seq / dt, "tflops_per_device": tflops,
+           "mfu": tflops / peak if peak else None, "loss": float(m["loss"]), "lower_s": t1 - t0,
+           "compile_s": t2 - t1, "mem_plan_gib": _memory_plan(compiled),
+           "process_peak_gib": mem.get("peak_bytes_in_use", 0) / GIB}
+    del state, compiled, fn, lowered
+    if want_components:
+        row.update(components(cfg, v, seq, max(2, steps), tx))
     return row
+
+
+def breakdown(row: dict, cfg: ModelConfig) -> str:
+    n_lin = sum(t == "linear_attention" for t in cfg.layer_types)
+    n_full = cfg.num_hidden_layers - n_lin
+    parts = {"moe": cfg.num_hidden_layers * (row.get("moe_layer_s") or 0),
+             "lightning": n_lin * (row.get("lightning_layer_s") or 0),
+             "softmax": n_full * (row.get("softmax_layer_s") or 0),
+             "lm_head+loss": row.get("head_s") or 0, "optimizer": row.get("optimizer_s") or 0}
+    parts["rest"] = row["step_s"] - sum(parts.values())
+    return ", ".join(f"{k} {v * 1e3:.1f} ms ({v / row['step_s']:.0%})" for k, v in parts.items())
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", default="small")
     ap.add_argument("--seq", type=int, default=8192)
-    ap.add_argument("--variants", default=DEFAULT, help=f"comma-separated names from {sorted(VARIANTS)}")
+    ap.add_argument("--variants", default=None, help="comma-separated variants (default per preset: "
+                    f"{DEFAULT})")
+    ap.add_argument("--set", action="append", default=[], help="model override key=value (Python literal)")
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--peak_tflops", type=float, default=None)
     ap.add_argument("--budget_s", type=float, default=520.0, help="skip remaining variants after this long")
-    ap.add_argument("--components", action="store_true",
-                    help="after the first variant that runs, time one layer of each kind (fwd + bwd)")
+    ap.add_argument("--components", action="store_true", help="step breakdown for the first row")
     ap.add_argument("--out", default=None, help="write the rows as JSON here")
     args = ap.parse_args(argv)
+    import ast
+
+    overrides = {}
+    for kv in args.set:
+        k, _, val = kv.partition("=")
+        try:
+            overrides[k] = ast.literal_eval(val)
+        except (ValueError, SyntaxError):
+            overrides[k] = val
+    variants = [parse_variant(s.strip()) for s in (args.variants or DEFAULT.get(args.preset, "b1")).split(",")
+                if s.strip()]
     peak = args.peak_tflops or device_peak_tflops()
     dev = jax.devices()[0]
-    cfg = ModelConfig.preset(args.preset)
+    cfg = ModelConfig.preset(args.preset, **overrides)
     header = {"device": f"{jax.device_count()} x {dev.device_kind}", "jax": jax.__version__,
               "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "preset": args.preset, "seq": args.seq,
-              "peak_tflops": peak, "train_gflop_per_token": flops.train_flops_per_token(cfg, args.seq) / 1e9,
-              "params": cfg.num_params()}
+              "overrides": overrides, "peak_tflops": peak,
+              "train_gflop_per_token": flops.train_flops_per_token(cfg, args.seq) / 1e9, "params": cfg.num_params()}
     try:
-        import flax, optax
+        import flax
+        import optax
         header["flax"], header["optax"] = flax.__version__, optax.__version__
-    except Exception:
+    except Exception:  # pragma: no cover
         pass
     print(json.dumps(header), flush=True)
     rows = []
     start = time.perf_counter()
-    for name in [v.strip() for v in args.variants.split(",") if v.strip()]:
-        if name not in VARIANTS:
-            raise SystemExit(f"unknown variant {name!r}; expected one of {sorted(VARIANTS)}")
-        if time.perf_counter() - start > args.budget_s:
-            print(f"{name}: skipped (budget)", flush=True)
-            continue
-        try:
-            row = run_variant(name, args.preset, args.seq, args.steps, args.warmup, peak)
-        except Exception as e:
-            msg = str(e).splitlines()[0][:300] if str(e) else type(e).__name__
-            print(f"{name}: FAILED: {msg}", flush=True)
-            traceback.print_exc(limit=3)
-            rows.append({"variant": name, "error": msg})
-            continue
-        if args.components and not any("moe_layer_s" in r for r in rows):
-            row.update(components(args.preset, row["batch"], args.seq, args.steps))
-        rows.append(row)
-        print(json.dumps(row), flush=True)
+
+    def dump():
         if args.out:
             with open(args.out, "w") as f:
                 json.dump({"header": header, "rows": rows}, f, indent=1)
+
+    for i, v in enumerate(variants):
+        if time.perf_counter() - start > args.budget_s:
+            print(f"{v['name']}: skipped (budget)", flush=True)
+            rows.append({"variant": v["name"], "error": "skipped (budget)"})
+            continue
+        try:
+            row = run_variant(v, args.preset, args.seq, args.steps, args.warmup, peak, overrides,
+                              args.components and not any("moe_layer_s" in r for r in rows))
+        except Exception as e:
+            msg = str(e).splitlines()[0][:300] if str(e) else type(e).__name__
+            print(f"{v['name']}: FAILED: {msg}", flush=True)
+            traceback.print_exc(limit=3)
+            rows.append({"variant": v["name"], "error": msg})
+            dump()
+            continue
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+        dump()
     print(f"\n{header['device']}, jax {header['jax']}, preset {args.preset}, seq {args.seq}")
-    print(f"{'variant':<18} {'batch':>5} {'remat':>13} {'step s':>8} {'tokens/s':>10} {'TFLOP/s':>8} {'MFU':>6} "
-          f"{'head s':>7} {'mem GiB':>8}")
+    print(f"{'variant':<22} {'step s':>7} {'tokens/s':>9} {'TFLOP/s':>8} {'MFU':>6} {'mem GiB':>8} {'lower s':>8} "
+          f"{'compile s':>9}")
     for r in rows:
         if "error" in r:
-            print(f"{r['variant']:<18} FAILED: {r['error'][:80]}")
+            print(f"{r['variant']:<22} FAILED: {r['error'][:80]}")
             continue
         mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] else "-"
-        hs = f"{r['head_s']:.3f}" if r.get("head_s") else "-"
-        print(f"{r['variant']:<18} {r['batch']:>5} {r['remat']:>13} {r['step_s']:>8.3f} {r['tokens_per_s']:>10.0f} "
-              f"{r['tflops_per_device']:>8.1f} {mfu:>6} {hs:>7} {r['peak_mem_gib']:>8.1f}")
+        mem = f"{r['mem_plan_gib']:.1f}" if r.get("mem_plan_gib") is not None else "-"
+        print(f"{r['variant']:<22} {r['step_s']:>7.3f} {r['tokens_per_s']:>9.0f} {r['tflops_per_device']:>8.1f} "
+              f"{mfu:>6} {mem:>8} {r['lower_s']:>8.1f} {r['compile_s']:>9.1f}")
     for r in rows:
-        if r.get("moe_layer_s"):
-            L = ModelConfig.preset(args.preset)
-            n_lin = sum(t == "linear_attention" for t in L.layer_types)
-            n_full = L.num_hidden_layers - n_lin
-            parts = {"moe": L.num_hidden_layers * r["moe_layer_s"], "lightning": n_lin * (r["lightning_layer_s"] or 0),
-                     "softmax": n_full * (r["softmax_layer_s"] or 0), "lm_head+loss": r.get("head_s") or 0}
-            print(f"\nwhere a {r['variant']} step goes (layers timed alone, fwd + bwd; step {r['step_s']:.3f} s): " +
-                  ", ".join(f"{k} {v:.3f} s" for k, v in parts.items()))
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump({"header": header, "rows": rows}, f, indent=1)
-    return 0
+        if r.get("moe_layer_s") is not None:
+            print(f"\nwhere a {r['variant']} step goes (parts jitted alone; step {r['step_s'] * 1e3:.1f} ms): "
+                  + breakdown(r, config_for(args.preset, parse_variant(r["variant"]), overrides)))
+    dump()
+    return 0 if any("error" not in r for r in rows) else 1
 
 
 if __name__ == "__main__":

@@ -381,4 +381,15 @@ _PRESETS: dict[str, dict[str, Any]] = {
         linear_attn_alpha_factor=(2 * 16) ** 0.25, mlp_alpha_factor=(2 * 16) ** 0.25,
         max_position_embeddings=1 << 20, param_dtype="float32", dtype="bfloat16",
     ),
+    # M1's proportions at 1/3 the width: one 7+1 block, head_dim 128, GQA 8:1 (M1's 64:8), 32 experts
+    # top-2 each 1.5x the hidden size wide, the real vocabulary; 5.8B total, 0.46B active non-embedding
+    # (1.28B with the embedding and the LM head). A training step with AdamW (float32 master weights
+    # and moments) fits one H200 at 8K tokens a microbatch (docs/benchmarks/training.md).
+    "medium": dict(
+        vocab_size=200064, hidden_size=2048, num_hidden_layers=8, num_attention_heads=16, head_dim=128,
+        num_key_value_heads=2, intermediate_size=3072, num_local_experts=32, num_experts_per_tok=2,
+        rotary_dim=64, layer_types=m1_layer_types(8), full_attn_alpha_factor=(2 * 8) ** 0.25,
+        linear_attn_alpha_factor=(2 * 8) ** 0.25, mlp_alpha_factor=(2 * 8) ** 0.25,
+        max_position_embeddings=1 << 20, param_dtype="float32", dtype="bfloat16",
+    ),
 }
