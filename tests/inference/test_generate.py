@@ -1,4 +1,5 @@
-"""Cached generation against recomputing the whole sequence, and against transformers' generate."""
+"""The generation engine against the model's own full forward (teacher forcing), each prompt alone,
+one-shot prefill, and transformers' generate; sampling, stops, request errors and compile counts."""
 
 import jax
 import jax.numpy as jnp
@@ -6,81 +7,168 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from m1_jax import MiniMaxForCausalLM, ModelConfig, generate
+from m1_jax import MiniMaxForCausalLM, ModelConfig, generate, generate_stream
 from m1_jax.config import FULL, LINEAR
+from m1_jax.inference import compile_stats
+
+V = 61
+LENS = (11, 6, 1)
 
 
 @pytest.fixture(scope="module")
 def model():
-    c = ModelConfig.preset("tiny", num_hidden_layers=4, layer_types=(LINEAR, FULL, LINEAR, LINEAR), block_size=4,
-                           vocab_size=61)
+    c = ModelConfig.preset("tiny", num_hidden_layers=4, layer_types=(LINEAR, FULL) * 2, block_size=4, vocab_size=V,
+                           moe_impl="dense")
     return MiniMaxForCausalLM(c, rngs=nnx.Rngs(0))
 
 
-def check_greedy_by_teacher_forcing(model, prompt, tokens, logprobs):
-    """One uncached forward over prompt + generated tokens: each generated token must be the argmax at
-    its position and its log-probability the full-sequence one."""
-    seq = jnp.asarray([list(prompt) + list(np.asarray(tokens))], jnp.int32)
-    logits = model(seq)[0, len(prompt) - 1:-1]
-    assert list(np.asarray(jnp.argmax(logits, -1))) == list(np.asarray(tokens))
-    ref = jax.nn.log_softmax(logits)[jnp.arange(len(tokens)), jnp.asarray(tokens)]
-    np.testing.assert_allclose(np.asarray(logprobs), np.asarray(ref), rtol=1e-5, atol=1e-5)
-
-
-def test_greedy_with_caches_and_left_padding_equals_full_recompute(model):
+@pytest.fixture(scope="module")
+def prompts():
     rng = np.random.default_rng(0)
-    prompts = [rng.integers(0, 61, n) for n in (11, 6, 1)]
-    ids = np.zeros((3, 11), np.int32)
+    rows = [rng.integers(0, V, n) for n in LENS]
+    ids = np.zeros((len(rows), max(LENS)), np.int32)
+    for r, p in enumerate(rows):
+        ids[r, ids.shape[1] - len(p):] = p  # left padding
+    return rows, ids
+
+
+@pytest.fixture(scope="module")
+def greedy(model, prompts):
+    return generate(model, prompts[1], max_new_tokens=7, lengths=LENS)
+
+
+_forward = nnx.jit(lambda model, ids: model(ids))
+
+
+def full_forward_logits(model, prompts, tokens):
+    """Per row, the logits that predicted each generated token, from one uncached forward over prompt +
+    tokens (rows right-padded to one length: causal, so padding after a row never changes it)."""
+    n = tokens.shape[1]
+    seqs = np.zeros((len(prompts), max(len(p) for p in prompts) + n), np.int32)
     for r, p in enumerate(prompts):
-        ids[r, 11 - len(p):] = p
-    tokens, logprobs = generate(model, ids, max_new_tokens=7, lengths=[len(p) for p in prompts])
+        seqs[r, :len(p) + n] = list(p) + list(np.asarray(tokens[r]))
+    logits = _forward(model, jnp.asarray(seqs))
+    return [logits[r, len(p) - 1:len(p) - 1 + n] for r, p in enumerate(prompts)]
+
+
+def test_greedy_tokens_and_logprobs_equal_the_full_forward_at_every_step(model, prompts, greedy):
+    tokens, logprobs = greedy
     assert tokens.shape == (3, 7) and tokens.dtype == jnp.int32 and logprobs.dtype == jnp.float32
-    for r, p in enumerate(prompts):
-        check_greedy_by_teacher_forcing(model, p, tokens[r], logprobs[r])
+    for r, logits in enumerate(full_forward_logits(model, prompts[0], tokens)):
+        assert list(np.asarray(jnp.argmax(logits, -1))) == list(np.asarray(tokens[r]))
+        ref = jax.nn.log_softmax(logits)[jnp.arange(7), tokens[r]]
+        np.testing.assert_allclose(np.asarray(logprobs[r]), np.asarray(ref), rtol=1e-5, atol=1e-5)
 
 
-def test_sampling_filters_and_seed(model):
-    ids = np.random.default_rng(1).integers(0, 61, (2, 5)).astype(np.int32)
-    greedy, _ = generate(model, ids, max_new_tokens=4)
-    top1, _ = generate(model, ids, max_new_tokens=4, temperature=1.3, top_k=1, seed=3)
-    nucleus, _ = generate(model, ids, max_new_tokens=4, temperature=0.7, top_p=1e-6, seed=4)
-    assert np.array_equal(np.asarray(top1), np.asarray(greedy)) and np.array_equal(np.asarray(nucleus), np.asarray(greedy))
-    a, la = generate(model, ids, max_new_tokens=6, temperature=1.0, seed=7)
-    b, lb = generate(model, ids, max_new_tokens=6, temperature=1.0, seed=7)
-    c, _ = generate(model, ids, max_new_tokens=6, temperature=1.0, seed=8)
-    assert np.array_equal(np.asarray(a), np.asarray(b)) and not np.array_equal(np.asarray(a), np.asarray(c))
-    # Log-probabilities are the model's own (temperature 1) for the sampled tokens.
-    seq = list(ids[0]) + list(np.asarray(a[0]))
-    logits = model(jnp.asarray([seq], jnp.int32))[0]
-    ref = jax.nn.log_softmax(logits[len(ids[0]) - 1:-1])[jnp.arange(6), jnp.asarray(a[0])]
-    np.testing.assert_allclose(np.asarray(la[0]), np.asarray(ref), rtol=1e-5, atol=1e-5)
+def test_a_batch_equals_each_prompt_alone(model, prompts, greedy):
+    for r, p in enumerate(prompts[0]):
+        alone, lp = generate(model, p[None].astype(np.int32), max_new_tokens=7)
+        assert np.array_equal(np.asarray(alone[0]), np.asarray(greedy[0][r]))
+        np.testing.assert_allclose(np.asarray(lp[0]), np.asarray(greedy[1][r]), rtol=1e-5, atol=1e-5)
 
 
-def test_top_k_samples_stay_in_the_top_k(model):
-    ids = np.random.default_rng(2).integers(0, 61, (4, 3)).astype(np.int32)
-    tokens, _ = generate(model, ids, max_new_tokens=1, temperature=5.0, top_k=3, seed=0)
-    top3 = jax.lax.top_k(model(jnp.asarray(ids))[:, -1], 3)[1]
-    assert all(int(tokens[r, 0]) in np.asarray(top3[r]) for r in range(4))
+@pytest.mark.parametrize("chunk", [4, 11, 64])  # smaller and not dividing, equal to, larger than the prompt
+def test_chunked_prefill_equals_one_shot(model, prompts, greedy, chunk):
+    tokens, logprobs = generate(model, prompts[1], max_new_tokens=7, lengths=LENS, prefill_chunk=chunk)
+    assert np.array_equal(np.asarray(tokens), np.asarray(greedy[0]))
+    np.testing.assert_allclose(np.asarray(logprobs), np.asarray(greedy[1]), rtol=1e-5, atol=1e-5)
 
 
-def test_stop_tokens_end_a_row(model):
-    ids = np.random.default_rng(3).integers(0, 61, (2, 4)).astype(np.int32)
-    greedy, _ = generate(model, ids, max_new_tokens=6)
-    stop = int(greedy[0, 2])
-    tokens, logprobs = generate(model, ids, max_new_tokens=6, stop_tokens=(stop,))
-    first = list(np.asarray(tokens[0])).index(stop)
-    assert np.all(np.asarray(tokens[0, first:]) == stop) and np.all(np.asarray(logprobs[0, first + 1:]) == 0)
+def test_prompts_of_one_bucket_share_every_compiled_function(model, prompts, greedy):
+    before = compile_stats()["compiles"]
+    rng = np.random.default_rng(5)
+    ids = rng.integers(0, V, (3, 9)).astype(np.int32)  # another length, same bucket (16), other max_new_tokens
+    generate(model, ids, max_new_tokens=5, lengths=[9, 2, 4], stop_tokens=(3,))
+    assert compile_stats()["compiles"] == before
+
+
+def test_sampling_seeds_top_k_and_model_logprobs(model, prompts):
+    ids, kw = prompts[1], dict(max_new_tokens=7, lengths=LENS, temperature=1.0, top_k=3)
+    a, la = generate(model, ids, seed=7, **kw)
+    b, lb = generate(model, ids, seed=7, **kw)
+    c, _ = generate(model, ids, seed=8, **kw)
+    assert np.array_equal(np.asarray(a), np.asarray(b)) and np.array_equal(np.asarray(la), np.asarray(lb))
+    assert not np.array_equal(np.asarray(a), np.asarray(c))
+    for r, logits in enumerate(full_forward_logits(model, prompts[0], a)):
+        top3 = np.asarray(jax.lax.top_k(logits, 3)[1])
+        assert all(int(t) in top3[i] for i, t in enumerate(np.asarray(a[r])))
+        # the model's own (temperature 1, unfiltered) log-probabilities of the sampled tokens
+        ref = jax.nn.log_softmax(logits)[jnp.arange(7), a[r]]
+        np.testing.assert_allclose(np.asarray(la[r]), np.asarray(ref), rtol=1e-5, atol=1e-5)
+
+
+def test_a_tiny_nucleus_is_greedy(model, prompts, greedy):
+    tokens, logprobs = generate(model, prompts[1], max_new_tokens=7, lengths=LENS, temperature=0.7, top_p=1e-6, seed=4)
+    assert np.array_equal(np.asarray(tokens), np.asarray(greedy[0]))
+    np.testing.assert_allclose(np.asarray(logprobs), np.asarray(greedy[1]), rtol=1e-5, atol=1e-5)
+
+
+def test_stop_tokens_lengths_and_certain_stop(model, prompts, greedy):
+    tokens, logprobs = (np.asarray(x) for x in greedy)
+    stop = int(tokens[0, 2])
+    t, lp, n = (np.asarray(x) for x in generate(model, prompts[1], max_new_tokens=7, lengths=LENS,
+                                                 stop_tokens=(stop,), return_lengths=True))
+    for r in range(3):  # each row ends at its first stop token (included), then repeats it with logprob 0
+        hits = np.flatnonzero(tokens[r] == stop)
+        end = hits[0] + 1 if hits.size else 7
+        assert n[r] == end and n.dtype == np.int32
+        assert np.array_equal(t[r, :end], tokens[r, :end]) and np.all(t[r, end:] == t[r, end - 1])
+        assert np.allclose(lp[r, :end], logprobs[r, :end], atol=1e-5) and np.all(lp[r, end:] == 0)
+    # certain_stop=(2, p): done once two tokens in a row each had probability >= p (p: between two of the
+    # observed probabilities near the median, so rounding cannot move a token across it)
+    probs = np.exp(logprobs)
+    ranked = np.sort(probs.ravel())
+    p = float(ranked[10] + ranked[11]) / 2
+    t, lp, n = (np.asarray(x) for x in generate(model, prompts[1], max_new_tokens=7, lengths=LENS,
+                                                 certain_stop=(2, p), return_lengths=True))
+    for r in range(3):
+        sure = probs[r] >= p
+        runs = [i for i in range(1, 7) if sure[i] and sure[i - 1]]
+        end = runs[0] + 1 if runs else 7
+        assert n[r] == end, (r, probs[r], p)
+        assert np.array_equal(t[r, :end], tokens[r, :end]) and np.all(lp[r, end:] == 0)
+
+
+def test_streaming_yields_the_same_tokens_with_timings(model, prompts, greedy):
+    timings = {}
+    chunks = list(generate_stream(model, prompts[1], max_new_tokens=7, lengths=LENS, stream_every=3, timings=timings))
+    assert [c.tokens.shape[1] for c in chunks] == [3, 3, 1]
+    assert np.array_equal(np.concatenate([c.tokens for c in chunks], axis=1), np.asarray(greedy[0]))
+    assert timings["prompt_tokens"] == sum(LENS) and timings["generated_tokens"] == 21
+    assert timings["prefill_s"] > 0 and timings["decode_s"] > 0 and "compile_s" in timings
 
 
 @pytest.mark.parametrize("kwargs, message", [
-    (dict(max_new_tokens=0), "max_new_tokens"),
+    (dict(max_new_tokens=0), "max_new_tokens must be an int >= 1"),
+    (dict(max_new_tokens=-3), "max_new_tokens must be an int >= 1"),
+    (dict(max_new_tokens=4096), "exceeds the model's positions"),
     (dict(max_new_tokens=2, lengths=[0, 3]), "lengths"),
+    (dict(max_new_tokens=2, prefill_chunk=0), "prefill_chunk"),
+    (dict(max_new_tokens=2, prefill_chunk=2.5), "prefill_chunk"),
     (dict(max_new_tokens=2, top_p=1.5), "top_p"),
+    (dict(max_new_tokens=2, top_k=0), "top_k"),
     (dict(max_new_tokens=2, temperature=-1.0), "temperature"),
+    (dict(max_new_tokens=2, stop_tokens=(V,)), "stop_tokens"),
+    (dict(max_new_tokens=2, certain_stop=(0, 0.9)), "certain_stop"),
+    (dict(max_new_tokens=2, certain_stop=(3, 1.5)), "certain_stop"),
 ])
-def test_bad_arguments(model, kwargs, message):
+def test_bad_requests_fail_before_any_compute(model, kwargs, message):
+    before = compile_stats()["compiles"]
     with pytest.raises(ValueError, match=message):
         generate(model, np.ones((2, 3), np.int32), **kwargs)
+    assert compile_stats()["compiles"] == before
+
+
+@pytest.mark.parametrize("ids, message", [
+    (np.zeros((2, 0), np.int32), "empty prompt"),
+    (np.array([[1, V]], np.int32), f"found {V}.*vocab_size = {V}"),
+    (np.array([[-1, 2]], np.int32), "found -1"),
+    (np.ones((3,), np.int32), r"\[batch, prompt_len\]"),
+    (np.ones((1, 3), np.float32), "integer dtype"),
+])
+def test_bad_prompts_are_named(model, ids, message):
+    with pytest.raises(ValueError, match=message):
+        generate(model, ids, max_new_tokens=2)
 
 
 def test_matches_transformers_greedy_generate(tmp_path):
@@ -100,5 +188,5 @@ def test_matches_transformers_greedy_generate(tmp_path):
     prompt = np.random.default_rng(4).integers(0, 71, (1, 9))
     with torch.no_grad():
         ref = hf.generate(torch.tensor(prompt), max_new_tokens=8, do_sample=False, pad_token_id=0)
-    tokens, _ = generate(ours, prompt.astype(np.int32), max_new_tokens=8)
+    tokens, _ = generate(ours, prompt.astype(np.int32), max_new_tokens=8, prefill_chunk=4)
     assert list(np.asarray(tokens[0])) == ref[0, 9:].tolist()
