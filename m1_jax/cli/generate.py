@@ -152,8 +152,9 @@ def encode_prompts(tokenizer, prompts, config, max_new_tokens):
 class TextStream:
     """Prints each row's text as its tokens arrive (one row: live; several: each row once it is done)."""
 
-    def __init__(self, tokenizer, prompts, out=sys.stdout):
-        self.tok, self.prompts, self.out = tokenizer, prompts, out
+    def __init__(self, tokenizer, prompts, out=None):
+        self.tok, self.prompts = tokenizer, prompts
+        self.out = out = sys.stdout if out is None else out
         self.ids = [[] for _ in prompts]
         self.shown = [""] * len(prompts)
         self.printed = [False] * len(prompts)
