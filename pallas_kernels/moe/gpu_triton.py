@@ -30,6 +30,12 @@ def _precision(dtype):
     return lax.Precision.HIGHEST if jnp.dtype(dtype) == jnp.float32 else None
 
 
+def _dot(a, b, ca: int, cb: int, prec):
+    """float32-accumulated product contracting dim ``ca`` of ``a`` with ``cb`` of ``b`` (``pl.dot`` is gone
+    from jax 0.12 and deprecated in 0.11: the Triton lowering takes dot_general with transposes)."""
+    return lax.dot_general(a, b, (((ca,), (cb,)), ((), ())), precision=prec, preferred_element_type=F32)
+
+
 def tile_visits(group_sizes, m: int, bm: int):
     """``(tile_group [T], tile_block [T], starts [G + 2], ends [G + 2])`` for ``gmm``: visit t works
     on rows ``[tile_block[t] * bm, + bm)`` of group ``tile_group[t]``; group G holds the rows past the
@@ -64,7 +70,7 @@ def _gmm_kernel(tg_ref, tb_ref, st_ref, en_ref, x_ref, w_ref, o_ref, *, G, K, bm
         ks = pl.ds(pl.multiple_of(kk * bk, bk), bk)
         a = x_ref[pl.ds(r0, bm), ks]
         b = w_ref[gw, cols, ks] if transpose else w_ref[gw, ks, cols]
-        return acc + pl.dot(a, b, trans_b=transpose, precision=prec)
+        return acc + _dot(a, b, 1, 1 if transpose else 0, prec)
 
     zero = jnp.zeros((bm, bn), F32)
     acc = lax.cond(g < G, lambda: lax.fori_loop(0, K // bk, body, zero), lambda: zero)
@@ -102,7 +108,7 @@ def _tgmm_kernel(st_ref, en_ref, x_ref, dy_ref, o_ref, *, bm, bn, bk, prec):
         mine = ((rows >= start) & (rows < end))[:, None]
         a = pltriton.load(x_ref.at[pl.ds(r0, bk), xcols], mask=mine, other=0.0)
         d = pltriton.load(dy_ref.at[pl.ds(r0, bk), ycols], mask=mine, other=0.0)
-        return acc + pl.dot(a, d, trans_a=True, precision=prec)
+        return acc + _dot(a, d, 0, 0, prec)
 
     acc = lax.fori_loop(start // bk, (end + bk - 1) // bk, body, jnp.zeros((bm, bn), F32))
     o_ref[...] = acc.astype(o_ref.dtype)
