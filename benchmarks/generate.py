@@ -432,17 +432,20 @@ def plot(rows, path):
     import matplotlib.pyplot as plt
 
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(12, 4.5))
-    for (m, b), style in ((("hybrid", 1), "C0-"), (("twin", 1), "C1-"), (("hybrid", 64), "C0--"), (("twin", 64), "C1--")):
+    for (m, b), color, marker in ((("hybrid", 1), "C0", "o"), (("twin", 1), "C1", "o"), (("hybrid", 64), "C2", "s"),
+                                  (("twin", 64), "C3", "s")):
         d = sorted([r for r in rows if r["kind"] == "decode" and r["model"] == m and r["batch"] == b and "error" not in r],
                    key=lambda r: r["context"])
         if d:
-            a1.plot([r["context"] for r in d], [r["ms_per_token"] for r in d], style, marker="o", label=f"{m} B={b}")
-            a1.plot([r["context"] for r in d], [r["floor_ms"] for r in d], style[:2] + ":", alpha=0.6,
-                    label=f"{m} B={b} floor")
+            a1.plot([r["context"] for r in d], [r["ms_per_token"] for r in d], color=color, marker=marker,
+                    label=f"{m} B={b}")
+            a1.plot([r["context"] for r in d], [r["floor_ms"] for r in d], color=color, ls=":", alpha=0.7,
+                    label=f"{m} B={b}: memory floor")
+        style = color + "-"
         p = sorted([r for r in rows if r["kind"] == "prefill" and r["model"] == m and r["batch"] == b and "error" not in r],
                    key=lambda r: r["context"])
         if p:
-            a2.plot([r["context"] for r in p], [r["tokens_per_s"] for r in p], style, marker="o", label=f"{m} B={b}")
+            a2.plot([r["context"] for r in p], [r["tokens_per_s"] for r in p], style, marker=marker, label=f"{m} B={b}")
     for a, t, y in ((a1, "decode (ms per step, dotted: memory floor)", "ms / token"), (a2, "prefill", "tokens / s")):
         a.set_xscale("log", base=2)
         a.set_yscale("log")
@@ -450,7 +453,8 @@ def plot(rows, path):
         a.set_ylabel(y)
         a.set_title(t)
         a.grid(True, which="both", alpha=0.3)
-        a.legend(fontsize=7)
+        if a.get_legend_handles_labels()[0]:
+            a.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
@@ -481,7 +485,19 @@ def main(argv=None) -> int:
                          "with these XLA_FLAGS, e.g. --xla_gpu_enable_command_buffer=...")
     ap.add_argument("--variant-contexts", default="1K,1M")
     ap.add_argument("--compile-cache", default=None, help="persistent XLA compilation cache folder")
+    ap.add_argument("--replot", nargs="+", default=None, metavar="JSON",
+                    help="no run: merge the rows of these generate.json files (later files win) into OUT's plot and table")
     args = ap.parse_args(argv)
+    if args.replot:
+        merged = {}
+        for path in args.replot:
+            with open(path) as f:
+                for r in json.load(f)["rows"]:
+                    merged[(r["kind"], r["model"], r["batch"], r["context"])] = r
+        os.makedirs(args.out, exist_ok=True)
+        plot(list(merged.values()), os.path.join(args.out, "generate.png"))
+        print(table(list(merged.values())))
+        return 0
     os.makedirs(args.out, exist_ok=True)
     if args.compile_cache:
         jax.config.update("jax_compilation_cache_dir", args.compile_cache)
