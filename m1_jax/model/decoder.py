@@ -218,6 +218,10 @@ class MiniMaxForCausalLM(nnx.Module):
             raise ValueError(f"MiniMaxForCausalLM: input_ids has {B} rows but the cache has {cache.batch}")
         if T > cache.slots:
             raise ValueError(f"MiniMaxForCausalLM: {T} tokens do not fit a cache of {cache.slots} slots")
+        if not isinstance(cache.length, jax.core.Tracer) and int(cache.length) + T > cache.slots:
+            # (traced lengths are the engine's, which sizes the cache; a write past the end would be clamped)
+            raise ValueError(f"MiniMaxForCausalLM: {T} tokens after {int(cache.length)} filled slots do not fit a "
+                             f"cache of {cache.slots} slots")
         x = constrain(self.embed(input_ids), _ACT)
         slots = cache.length + jnp.arange(T, dtype=jnp.int32)
         token_mask = slots[None, :] >= cache.kv_start[:, None]  # left padding: False

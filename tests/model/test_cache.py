@@ -62,6 +62,8 @@ def test_cache_errors(model):
         model(ids, cache=model.init_cache(3, 8))
     with pytest.raises(ValueError, match="do not fit a cache of 2 slots"):
         model(ids, cache=model.init_cache(2, 2))
+    with pytest.raises(ValueError, match="after 4 filled slots do not fit a cache of 6 slots"):
+        model(ids, cache=model.init_cache(2, 6)._replace(length=jnp.int32(4)))
     with pytest.raises(ValueError, match=r"kv_start must be \[batch\] = \[2\]"):
         model.init_cache(2, 8, kv_start=[0, 1, 2])
 
