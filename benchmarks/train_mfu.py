@@ -198,8 +198,10 @@ def run_variant(v: dict, preset: str, seq: int, steps: int, warmup: int, peak: f
         t0 = time.perf_counter()
         lowered = fn.lower(state, batches[0])
         t1 = time.perf_counter()
+        print(f"  {v['name']}: lowered in {t1 - t0:.1f} s, compiling ...", flush=True)
         compiled = lowered.compile()
         t2 = time.perf_counter()
+        print(f"  {v['name']}: compiled in {t2 - t1:.1f} s, memory plan {_memory_plan(compiled)} GiB", flush=True)
         for i in range(warmup):
             state, m = compiled(state, batches[i % 2])
         jax.block_until_ready(m)
