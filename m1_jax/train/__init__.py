@@ -22,7 +22,8 @@ def __getattr__(name):
 
 
 def main(argv=None) -> int:
-    """``train.py``: parse flags and gin, train; returns the exit code (2: bad config, 3: non-finite stop)."""
+    """``train.py``: parse flags and gin, train (or RL with ``TrainConfig.mode = 'rl'``); returns the exit code
+    (2: bad config, 3: non-finite stop, 4: a reward function failed)."""
     import sys
 
     from m1_jax.config import ConfigError
@@ -34,6 +35,10 @@ def main(argv=None) -> int:
     except (UsageError, ConfigError, ValueError, FileNotFoundError) as e:
         print(f"train.py: error: {e}", file=sys.stderr)
         return 2
+    if run.train.mode == "rl":
+        from m1_jax.rl.loop import train_rl as train
+    from m1_jax.rl.rewards import RewardError
+
     try:
         train(run)
     except (ConfigError, FileNotFoundError) as e:
@@ -42,6 +47,9 @@ def main(argv=None) -> int:
     except NonFiniteError as e:
         print(f"train.py: error: {e}", file=sys.stderr)
         return 3
+    except RewardError as e:
+        print(f"train.py: error: {e}", file=sys.stderr)
+        return 4
     return 0
 
 

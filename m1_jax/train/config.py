@@ -6,6 +6,7 @@ Configurable classes (the whole gin surface, nothing else is registered):
 * ``DataConfig``   — ``m1_jax.data.DataConfig``.
 * ``OptimizerConfig`` — ``m1_jax.train.optimizer.OptimizerConfig``.
 * ``MeshConfig``   — ``sharding.MeshConfig`` (axis sizes ``data, fsdp, expert, context, tensor``).
+* ``RLConfig``     — ``m1_jax.rl.config.RLConfig`` (used when ``TrainConfig.mode = 'rl'``).
 
 Command line: ``--gin_file=PATH`` (repeatable; a bare name such as ``small`` means ``configs/small.gin``),
 ``--gin_bindings='TrainConfig.steps = 10'`` (repeatable), the shorthand ``--gin.TrainConfig.steps=10``,
@@ -26,6 +27,7 @@ import gin
 import sharding
 from m1_jax.config import ConfigError, ModelConfig, require
 from m1_jax.data.pipeline import DataConfig
+from m1_jax.rl.config import RLConfig
 from m1_jax.train.optimizer import OptimizerConfig
 
 # Classes defined without gin (so the model, the train step and the benchmarks import without it) are
@@ -33,8 +35,10 @@ from m1_jax.train.optimizer import OptimizerConfig
 MeshConfig = gin.external_configurable(sharding.MeshConfig, name="MeshConfig")
 _DataConfig = gin.external_configurable(DataConfig, name="DataConfig")
 _OptimizerConfig = gin.external_configurable(OptimizerConfig, name="OptimizerConfig")
+_RLConfig = gin.external_configurable(RLConfig, name="RLConfig")
 
 RESUME_MODES = ("auto", "must", "never")
+MODES = ("pretrain", "rl")
 
 
 @gin.configurable
@@ -42,6 +46,7 @@ RESUME_MODES = ("auto", "must", "never")
 class TrainConfig:
     """One training run.
 
+    ``mode``: ``pretrain`` (next-token prediction on ``DataConfig``) or ``rl`` (RL fine-tuning, ``RLConfig``).
     ``model``: a ``ModelConfig`` preset name; ``model_overrides``: a dict of ``ModelConfig`` fields.
     ``steps``: total optimizer steps (the schedule's length); ``stop_after``: stop this invocation
     after that many steps in total (a resumable partial run), ``None`` = run to ``steps``.
@@ -50,9 +55,11 @@ class TrainConfig:
     ``must`` (fail without one), ``never`` (fail if one exists).
     ``head_dtype``: operand dtype of the LM-head matmul in the loss (accumulation is always float32).
     ``use_segment_ids``: pass the packing segment ids to the model (document-separated attention).
-    ``fault_steps``: steps whose loss is forced to NaN (tests of the non-finite handling).
+    ``fault_steps``: steps (RL: optimizer updates) whose loss and gradients are NaN (tests of the non-finite
+    handling).
     """
 
+    mode: str = "pretrain"
     model: str = "tiny"
     model_overrides: dict = dataclasses.field(default_factory=dict)
     steps: int = 200
@@ -84,6 +91,7 @@ class TrainConfig:
         need(self.stop_after is None or (isinstance(self.stop_after, int) and 0 < self.stop_after <= self.steps),
              "stop_after", f"None or an integer in [1, steps = {self.steps}]")
         need(self.resume in RESUME_MODES, "resume", f"one of {RESUME_MODES}")
+        need(self.mode in MODES, "mode", f"one of {MODES}")
         for f in ("log_every", "checkpoint_every", "keep_checkpoints", "max_consecutive_nonfinite",
                   "loss_chunk_size"):
             need(isinstance(getattr(self, f), int) and getattr(self, f) > 0, f, "a positive integer")
@@ -112,6 +120,7 @@ class RunConfig:
     mesh: sharding.MeshConfig
     model: ModelConfig
     operative_gin: str
+    rl: RLConfig | None = None  # set when train.mode == "rl"
 
 
 # ----------------------------------------------------------------------------------------------- CLI
@@ -119,9 +128,10 @@ USAGE = """usage: python train.py [--gin_file=FILE ...] [--gin_bindings='Class.f
                          [--gin.Class.field=value ...] [--resume | --no_resume]
 
 With no arguments: the tiny preset on the bundled Shakespeare corpus, on the CPU (configs/tiny.gin
-restates these defaults). Configurable: TrainConfig, DataConfig, OptimizerConfig, MeshConfig.
+restates these defaults). Configurable: TrainConfig, DataConfig, OptimizerConfig, MeshConfig, RLConfig.
 Examples:
   python train.py --gin_file=configs/small.gin --gin.TrainConfig.steps=1000
+  python train.py --gin_file=configs/cispo_tiny.gin                 # RL fine-tuning (CISPO), CPU, minutes
   python train.py --gin.DataConfig.source=/data/corpus/*.jsonl --gin.TrainConfig.run_dir=runs/x
 """
 
@@ -220,7 +230,7 @@ def load_config(files: Sequence[str] = (), bindings: Sequence[str] = (), resume:
         raise
     except Exception as e:  # gin raises ValueError/KeyError/SyntaxError with its own wording
         raise UsageError(f"bad gin configuration: {e}\nconfigurable: TrainConfig, DataConfig, OptimizerConfig, "
-                         "MeshConfig (fields: see docs/training.md)") from None
+                         "MeshConfig, RLConfig (fields: see docs/training.md and docs/rl.md)") from None
     try:
         train = TrainConfig()
         if resume is not None:
@@ -228,21 +238,27 @@ def load_config(files: Sequence[str] = (), bindings: Sequence[str] = (), resume:
         data = _DataConfig()
         opt = _OptimizerConfig()
         mesh = MeshConfig()
+        rl = _RLConfig()
     except TypeError as e:
         raise UsageError(f"bad gin configuration: {e}") from None
-    for obj in (train, data, opt, mesh):
+    for obj in (train, data, opt, mesh, rl):
         for f in dataclasses.fields(obj):
             if getattr(obj, f.name) is gin.REQUIRED:
                 raise UsageError(f"{type(obj).__name__}.{f.name} is required by the gin files "
                                  f"{list(files)}: set it with --gin.{type(obj).__name__}.{f.name}=...")
     train.validate()
     data.validate(process_count)
-    opt.validate(train.steps)
+    if train.mode == "rl":
+        rl.validate()
+        opt.validate(rl.updates(train.steps))
+    else:
+        rl = None
+        opt.validate(train.steps)
     model = train.model_config()
     if data.tokenizer == "byte" and model.vocab_size < 256:
         raise ConfigError(f"the byte tokenizer needs ModelConfig.vocab_size >= 256; got {model.vocab_size}")
     operative = gin.operative_config_str()
-    return RunConfig(train=train, data=data, optimizer=opt, mesh=mesh, model=model, operative_gin=operative)
+    return RunConfig(train=train, data=data, optimizer=opt, mesh=mesh, model=model, operative_gin=operative, rl=rl)
 
 
 def config_from_argv(argv: Sequence[str] | None = None) -> RunConfig:
@@ -251,6 +267,9 @@ def config_from_argv(argv: Sequence[str] | None = None) -> RunConfig:
 
 
 def as_dict(cfg: RunConfig) -> dict[str, Any]:
-    return {"train": dataclasses.asdict(cfg.train), "data": dataclasses.asdict(cfg.data),
-            "optimizer": dataclasses.asdict(cfg.optimizer), "mesh": dataclasses.asdict(cfg.mesh),
-            "model": dataclasses.asdict(cfg.model)}
+    out = {"train": dataclasses.asdict(cfg.train), "data": dataclasses.asdict(cfg.data),
+           "optimizer": dataclasses.asdict(cfg.optimizer), "mesh": dataclasses.asdict(cfg.mesh),
+           "model": dataclasses.asdict(cfg.model)}
+    if cfg.rl is not None:
+        out["rl"] = dataclasses.asdict(cfg.rl)
+    return out

@@ -18,12 +18,17 @@ def test_defaults_equal_tiny_gin():
     assert a.model.vocab_size == 256 and a.train.steps > 0
 
 
-@pytest.mark.parametrize("name", ["tiny", "small", "m1-80k"])
+@pytest.mark.parametrize("name", ["tiny", "small", "m1-80k", "cispo_tiny", "cispo_small"])
 def test_shipped_gin_files_validate(name):
     extra = ["DataConfig.source = '/data/x.jsonl'", "DataConfig.tokenizer = '/tok'"] if name == "m1-80k" else []
     run = load_config([name], extra)
     assert run.model.num_hidden_layers % run.model.layer_period == 0
     assert "TrainConfig.model = " in run.operative_gin and "OptimizerConfig.b2 = 0.95" in run.operative_gin
+    if name.startswith("cispo"):  # RL: the M1 recipe's optimizer, a loss by name, a response that fits the answers
+        assert run.train.mode == "rl" and run.rl is not None and run.rl.loss == "cispo"
+        assert run.optimizer.eps <= 1e-12 and run.optimizer.b2 == 0.95
+    else:
+        assert run.rl is None
     if name == "m1-80k":
         assert run.mesh.expert == 8 and run.mesh.tensor == 8
         with pytest.raises(UsageError, match="DataConfig.source is required"):
@@ -66,3 +71,28 @@ def test_train_py_bad_config_exits_before_compute(tmp_path):
     assert out.returncode == 2, out.stderr
     assert "doesn't have a parameter named 'stpes'" in out.stderr
     assert not os.path.exists(tmp_path / "r")  # nothing was started
+
+
+@pytest.mark.parametrize("binding, match", [
+    ("RLConfig.loss = 'reinforce'", "RLConfig.loss = 'reinforce' is invalid"),
+    ("RLConfig.group_size = 1", "RLConfig.group_size = 1 is invalid: expected at least 2"),
+    ("RLConfig.minibatches = 3", "RLConfig.minibatches = 3 is invalid: expected a divisor"),
+    ("RLConfig.eps_high = -0.1", "RLConfig.eps_high"),
+    ("RLConfig.reward_errors = 'ignore'", "RLConfig.reward_errors"),
+    ("RLConfig.temperature = 0.0", "RLConfig.temperature"),
+    ("TrainConfig.mode = 'sft'", "TrainConfig.mode = 'sft' is invalid"),
+])
+def test_bad_rl_bindings_fail_clearly(binding, match):
+    with pytest.raises((UsageError, ConfigError, ValueError), match=match):
+        load_config(["cispo_tiny"], [binding])
+
+
+def test_rl_errors_before_any_run_folder(tmp_path):
+    """Checks that need the task, the tokenizer or the init checkpoint fail before the run folder exists."""
+    from m1_jax.train import main
+
+    for binding in ("--gin.RLConfig.task=adition", "--gin.RLConfig.max_response_len=3",
+                    f"--gin.RLConfig.init_checkpoint={tmp_path}/nothing", "--gin.RLConfig.stop_text=END"):
+        assert main(["--gin_file=cispo_tiny", binding, f"--gin.TrainConfig.run_dir={tmp_path}/r"]) == 2, binding
+        assert not os.path.exists(tmp_path / "r"), binding
+

@@ -3,6 +3,7 @@ text is the decoded prompt + sample; sample_tokens = 0 prints nothing."""
 
 import dataclasses
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -15,11 +16,19 @@ from m1_jax.train.config import TrainConfig
 from m1_jax.train.sample import print_sample, sample_tokens
 
 
+def _jit_model(cfg, seed):
+    """The model built under jit (eager construction is slow on a loaded CPU)."""
+    from m1_jax.model import abstract_model
+
+    graphdef, _ = abstract_model(cfg, seed)
+    return nnx.merge(graphdef, jax.jit(lambda: nnx.state(MiniMaxForCausalLM(cfg, rngs=nnx.Rngs(seed)), nnx.Param))())
+
+
 @pytest.fixture(scope="module")
 def model():
     cfg = ModelConfig.preset("tiny", num_hidden_layers=2, layer_types=("linear_attention", "full_attention"),
                              block_size=8, initializer_range=0.3)  # large init: confident, varied argmaxes
-    return MiniMaxForCausalLM(cfg, rngs=nnx.Rngs(3))
+    return _jit_model(cfg, 3)
 
 
 def _greedy_reference(model, prompt, n):
