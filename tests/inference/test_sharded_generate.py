@@ -11,7 +11,9 @@ import pytest
 
 HERE = Path(__file__).parent
 ROOT = HERE.parent.parent
-MESHES = ["data=2,tensor=2,expert=2:ep_capacity", "fsdp=2,tensor=4"]
+# rows over data x expert, heads over tensor (query and KV heads split alike), experts over expert through the
+# capacity-based dispatch; sharded_generate.py also takes e.g. "fsdp=2,tensor=4" (KV heads kept whole)
+MESHES = ["data=2,tensor=2,expert=2:ep_capacity"]
 
 
 @pytest.mark.slow

@@ -47,8 +47,9 @@ def test_unscanned_blocks_and_return_aux_with_a_cache(model):
     c = model.config.replace(scan_layers=False)
     unscanned = nnx.merge(nnx.graphdef(MiniMaxForCausalLM(c, rngs=nnx.Rngs(0))), nnx.state(model))
     ids = jnp.asarray(np.random.default_rng(1).integers(0, 61, (2, 9)), jnp.int32)
-    a, ca = model(ids, cache=model.init_cache(2, 16))
-    b, aux, cb = unscanned(ids, cache=unscanned.init_cache(2, 16), return_aux=True)
+    a, ca = cached_call(model, ids, model.init_cache(2, 16))
+    b, aux, cb = nnx.jit(lambda m, ids, cache: m(ids, cache=cache, return_aux=True))(unscanned, ids,
+                                                                                      unscanned.init_cache(2, 16))
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(np.asarray(ca.keys), np.asarray(cb.keys), rtol=1e-5, atol=1e-6)
     assert aux.shape == () and float(aux) > 0
