@@ -94,20 +94,25 @@ def ref_fn(q, k, v, decay, h0):
     return reference.lightning_attention_chunked(q, k, v, decay, h0, 256)
 
 
-def fwd_bwd(f):
+def fwd_bwd(f, state=True):
+    """Gradients of <o, dO> + sum(final state) w.r.t. q, k, v, h0 (``state``: the setting with an initial
+    state and a final-state cotangent), or of <o, dO> w.r.t. q, k, v without an initial state (training)."""
     def g(q, k, v, decay, h0, do):
         def loss(q, k, v, h0):
             o, ht = f(q, k, v, decay, h0)
-            return jnp.sum(o.astype(jnp.float32) * do.astype(jnp.float32)) + jnp.sum(ht)
-        return jax.grad(loss, argnums=(0, 1, 2, 3))(q, k, v, h0)
+            val = jnp.sum(o.astype(jnp.float32) * do.astype(jnp.float32))
+            return val + jnp.sum(ht) if state else val
+        if state:
+            return jax.grad(loss, argnums=(0, 1, 2, 3))(q, k, v, h0)
+        return jax.grad(lambda q, k, v: loss(q, k, v, None), argnums=(0, 1, 2))(q, k, v)
     return g
 
 
-def time_pair(f, x, *, bwd=True):
+def time_pair(f, x, *, bwd=True, state=True):
     fw = jax.jit(f)
-    a = (x["q"], x["k"], x["v"], x["decay"], x["h0"])
+    a = (x["q"], x["k"], x["v"], x["decay"], x["h0"] if state else None)
     t_f = time_jax(fw, a)
-    t_b = time_jax(jax.jit(fwd_bwd(f)), a + (x["do"],)) if bwd else float("nan")
+    t_b = time_jax(jax.jit(fwd_bwd(f, state)), a + (x["do"],)) if bwd else float("nan")
     return t_f, t_b
 
 
@@ -161,8 +166,9 @@ def to_torch(x, dtype=None):
     return t.to(dtype) if dtype is not None else t
 
 
-def fla_run(x):
-    """Returns (o [B,H,T,D] float32 numpy, ht, t_fwd ms, t_fwdbwd ms)."""
+def fla_run(x, state=True):
+    """Returns (o [B,H,T,D] float32 numpy, ht or None, t_fwd ms, t_fwdbwd ms); ``state``: with the initial
+    state and a final-state cotangent of ones, else neither (training)."""
     import torch
     from fla.ops.simple_gla import chunk_simple_gla
     fla_clear_autotune()
@@ -170,18 +176,21 @@ def fla_run(x):
     tr = lambda z: to_torch(z, bf).transpose(1, 2).contiguous()  # [B, T, H, D]
     q, k, v, do = tr(x["q"]), tr(x["k"]), tr(x["v"]), tr(x["do"])
     g = -to_torch(x["decay"])
-    h0 = to_torch(x["h0"])
+    h0 = to_torch(x["h0"]) if state else None
 
     def fwd():
-        return chunk_simple_gla(q, k, v, g_gamma=g, scale=1.0, initial_state=h0, output_final_state=True)
+        return chunk_simple_gla(q, k, v, g_gamma=g, scale=1.0, initial_state=h0, output_final_state=state)
 
     o, ht = fwd()
     qg, kg, vg = (t.detach().clone().requires_grad_(True) for t in (q, k, v))
-    h0g = h0.clone().requires_grad_(True)
+    h0g = h0.clone().requires_grad_(True) if state else None
 
     def fb():
-        o, ht = chunk_simple_gla(qg, kg, vg, g_gamma=g, scale=1.0, initial_state=h0g, output_final_state=True)
-        torch.autograd.backward((o, ht), (do, torch.ones_like(ht)))
+        o, ht = chunk_simple_gla(qg, kg, vg, g_gamma=g, scale=1.0, initial_state=h0g, output_final_state=state)
+        if state:
+            torch.autograd.backward((o, ht), (do, torch.ones_like(ht)))
+        else:
+            torch.autograd.backward(o, do)
 
     def bench(fn):
         fn()
@@ -202,7 +211,7 @@ def fla_run(x):
     t_f = bench(fwd)
     t_b = bench(fb)
     o_np = o.float().transpose(1, 2).cpu().numpy()
-    return o_np, ht.float().cpu().numpy(), t_f, t_b
+    return o_np, (ht.float().cpu().numpy() if state else None), t_f, t_b
 
 
 def rel(a, b):
@@ -344,50 +353,56 @@ def tune(impls, shapes):
     return res
 
 
-def bench(impls, shapes, out_dir, with_fla=True, with_cudnn=True):
-    """Times ``auto`` (the shipped choice) and each impl in ``impls``; fla and cuDNN in the same run."""
+def bench(impls, shapes, out_dir, with_fla=True, with_cudnn=True, settings=("state", "train")):
+    """Times ``auto`` (the shipped choice) and each impl in ``impls``; fla and cuDNN in the same run. Each
+    shape in each setting: "state" (a random initial state given, a final-state cotangent of ones) and
+    "train" (neither: the training case)."""
     rows = []
     have_fla = with_fla and fla_available()
     for shp in shapes:
         B, H, T, D = shp
         x = inputs(*shp)
-        row = dict(shape=list(shp))
         a = (x["q"], x["k"], x["v"], x["decay"], x["h0"])
         o_auto, h_auto = jax.jit(auto_fn)(*a)
         o_ref, h_ref = jax.jit(ref_fn)(*a)
-        row["auto_impl"] = lop.choose_kernel("pallas_gpu", x["q"].shape, D, x["q"].dtype).impl
-        row["err_vs_ref"] = [rel(o_auto.astype(jnp.float32), o_ref.astype(jnp.float32)), rel(h_auto, h_ref)]
-        row["impl_err_vs_ref"], row["ours"] = {}, {}
-        for impl in impls:  # every timed kernel computes the same function
-            f = ours_fns(impl)  # one function object: the timing reuses the check's compilation
-            try:
-                o_i, h_i = jax.jit(f)(*a)
-                row["impl_err_vs_ref"][impl] = [rel(o_i.astype(jnp.float32), o_ref.astype(jnp.float32)), rel(h_i, h_ref)]
-                row["ours"][impl] = time_pair(f, x)
-            except Exception as e:
-                print(f"{shp} {impl}: ERR {type(e).__name__}: {str(e)[:300]}")
-        # the shipped choice: reuse its timing when it was just measured explicitly
-        row["auto"] = row["ours"].get(row["auto_impl"]) or time_pair(auto_fn, x)
-        row["xla_ref"] = time_pair(ref_fn, x)
-        if with_cudnn:
-            try:
-                row["cudnn"] = cudnn_pair(x)
-            except Exception as e:
-                print(f"{shp} cudnn: ERR {type(e).__name__}: {str(e)[:300]}")
-        if have_fla:
-            o_f, h_f, tf, tb = fla_run(x)
-            row["fla"] = (tf, tb)
-            row["err_vs_fla"] = [rel(np.asarray(o_auto, np.float32), o_f), rel(h_auto, h_f)]
-        rows.append(row)
-        print(json.dumps(row), flush=True)
+        for setting in settings:
+            state = setting == "state"
+            row = dict(shape=list(shp), setting=setting)
+            row["auto_impl"] = lop.choose_kernel("pallas_gpu", x["q"].shape, D, x["q"].dtype).impl
+            row["err_vs_ref"] = [rel(o_auto.astype(jnp.float32), o_ref.astype(jnp.float32)), rel(h_auto, h_ref)]
+            row["impl_err_vs_ref"], row["ours"] = {}, {}
+            for impl in impls:  # every timed kernel computes the same function
+                f = ours_fns(impl)  # one function object: the timing reuses the check's compilation
+                try:
+                    o_i, h_i = jax.jit(f)(*a)
+                    row["impl_err_vs_ref"][impl] = [rel(o_i.astype(jnp.float32), o_ref.astype(jnp.float32)),
+                                                    rel(h_i, h_ref)]
+                    row["ours"][impl] = time_pair(f, x, state=state)
+                except Exception as e:
+                    print(f"{shp} {impl}: ERR {type(e).__name__}: {str(e)[:300]}")
+            # the shipped choice: reuse its timing when it was just measured explicitly
+            row["auto"] = row["ours"].get(row["auto_impl"]) or time_pair(auto_fn, x, state=state)
+            row["xla_ref"] = time_pair(ref_fn, x, state=state)
+            if with_cudnn and setting == settings[0]:
+                try:
+                    row["cudnn"] = cudnn_pair(x)
+                except Exception as e:
+                    print(f"{shp} cudnn: ERR {type(e).__name__}: {str(e)[:300]}")
+            if have_fla:
+                o_f, h_f, tf, tb = fla_run(x, state=state)
+                row["fla"] = (tf, tb)
+                if state:
+                    row["err_vs_fla"] = [rel(np.asarray(o_auto, np.float32), o_f), rel(h_auto, h_f)]
+            rows.append(row)
+            print(json.dumps(row), flush=True)
     return rows
 
 
 def table(rows):
     lines = []
-    hdr = ("| B,H,T,D | ours (auto) fwd / fwd+bwd ms | TFLOP/s | fla fwd / fwd+bwd ms | ratio fla/ours | "
+    hdr = ("| B,H,T,D | setting | ours (auto) fwd / fwd+bwd ms | TFLOP/s | fla fwd / fwd+bwd ms | ratio fla/ours | "
            "XLA ref fwd / fwd+bwd | cuDNN softmax fwd / fwd+bwd | other impls fwd / fwd+bwd |")
-    lines += [hdr, "|" + "---|" * hdr.count("|")[:-1] if False else "|" + "---|" * (hdr.count("|") - 1)]
+    lines += [hdr, "|" + "---|" * (hdr.count("|") - 1)]
     for r in rows:
         B, H, T, D = r["shape"]
         af, ab = r["auto"]
@@ -399,8 +414,8 @@ def table(rows):
         cu = r.get("cudnn")
         cu_s = f"{cu[0]:.3f} / {cu[1]:.3f}" if cu else "-"
         oth = "; ".join(f"{k}: {v[0]:.3f} / {v[1]:.3f}" for k, v in r["ours"].items())
-        lines.append(f"| {B},{H},{T},{D} | {af:.3f} / {ab:.3f} ({r['auto_impl']}) | {tfl} | {fla_s} | {ratio} | "
-                     f"{r['xla_ref'][0]:.3f} / {r['xla_ref'][1]:.3f} | {cu_s} | {oth} |")
+        lines.append(f"| {B},{H},{T},{D} | {r.get('setting', 'state')} | {af:.3f} / {ab:.3f} ({r['auto_impl']}) | "
+                     f"{tfl} | {fla_s} | {ratio} | {r['xla_ref'][0]:.3f} / {r['xla_ref'][1]:.3f} | {cu_s} | {oth} |")
     return "\n".join(lines)
 
 
@@ -414,7 +429,7 @@ def plot(rows, path):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    labels = [",".join(map(str, r["shape"])) for r in rows]
+    labels = [",".join(map(str, r["shape"])) + (" train" if r.get("setting") == "train" else "") for r in rows]
     series = {f"ours ({', '.join(sorted({r['auto_impl'] for r in rows}))})": [r["auto"] for r in rows]}
     triton = [best_triton(r) for r in rows]
     if any(t is not None for t in triton):
@@ -439,14 +454,43 @@ def plot(rows, path):
 
 def main():
     p = argparse.ArgumentParser()
-    p.add_argument("--mode", default="all", choices=["all", "check", "tune", "bench", "report"])
+    p.add_argument("--mode", default="all", choices=["all", "check", "tune", "bench", "report", "sweep", "sweep-report",
+                                                   "worker"])
     p.add_argument("--inputs", default="", help="report: comma-separated lightning_attention.json files to merge")
     p.add_argument("--out", default=".")
     p.add_argument("--shapes", default="all", help="'all', indices into SHAPES (0,2) or shapes BxHxTxD (8x16x512x128)")
     p.add_argument("--impls", default="all")
     p.add_argument("--no-fla", action="store_true")
     p.add_argument("--no-cudnn", action="store_true")
+    p.add_argument("--settings", default="state,train",
+                   help="bench: 'state' (initial state and final-state cotangent given), 'train' (neither), or both")
+    g = p.add_argument_group("sweep (see lightning_sweep.py)")
+    g.add_argument("--variants", default="default", help="comma-separated presets of lightning_sweep.PRESETS")
+    g.add_argument("--tag", default="run", help="names the outputs: sweep_<tag>.json/.png/.log")
+    g.add_argument("--budget", type=float, default=500.0, help="seconds: tasks not started by then are skipped")
+    g.add_argument("--workers", type=int, default=5, help="processes that compile in parallel")
+    g.add_argument("--mem-fraction", type=float, default=0.14, help="GPU memory per worker process")
+    g.add_argument("--fla", action="store_true", help="time fla at the benchmark shapes and three grid corners")
+    g.add_argument("--checks", action="store_true", help="bf16 correctness at a sample of the grid, packed rows")
+    g.add_argument("--short", action="store_true", help="short prefill chunks and the decode step")
+    g.add_argument("--f32", action="store_true", help="float32 candidates (lightning_f32.py), one process each")
+    g.add_argument("--f32-timeout", type=float, default=100.0)
+    g.add_argument("--bandwidth", type=float, default=0.0,
+                   help="sweep-report: floors at this many bytes/s instead of the run's measured bandwidth")
+    g.add_argument("--f32-configs", default="", help="comma-separated names of lightning_f32.CONFIGS (default all)")
+    g.add_argument("--tasks", default="", help=argparse.SUPPRESS)
+    g.add_argument("--worker-out", default="", help=argparse.SUPPRESS)
+    g.add_argument("--lock", default="", help=argparse.SUPPRESS)
+    g.add_argument("--deadline", type=float, default=0.0, help=argparse.SUPPRESS)
     args = p.parse_args()
+    if args.mode == "sweep-report":  # a saved sweep's tables and heat map again (no GPU)
+        import lightning_sweep
+        lightning_sweep.report_main(args)
+        return
+    if args.mode == "worker":  # one process of a sweep (spawned by --mode sweep)
+        import lightning_sweep
+        lightning_sweep.worker_main(args.tasks, args.worker_out, args.lock, args.deadline)
+        return
     os.makedirs(args.out, exist_ok=True)
     if args.mode == "report":  # merge the rows of earlier bench runs into one table and plot (no GPU)
         runs = [json.load(open(f)) for f in args.inputs.split(",") if f]
@@ -473,7 +517,12 @@ def main():
     except Exception:
         pass
     meta["compute_capability"] = getattr(dev, "compute_capability", None)
+    meta["sm_count"] = getattr(dev, "core_count", None)
     print(json.dumps(meta))
+    if args.mode == "sweep":
+        import lightning_sweep
+        lightning_sweep.sweep_main(args, meta)
+        return
     if args.mode in ("all", "check"):
         print("GPU correctness:", "PASS" if check(impls) else "FAIL")
     if args.mode == "tune":
@@ -481,7 +530,8 @@ def main():
         with open(os.path.join(args.out, "lightning_tune.json"), "w") as f:
             json.dump(dict(meta=meta, results=res), f, indent=1)
     if args.mode in ("all", "bench"):
-        rows = bench(impls, shapes, args.out, with_fla=not args.no_fla, with_cudnn=not args.no_cudnn)
+        rows = bench(impls, shapes, args.out, with_fla=not args.no_fla, with_cudnn=not args.no_cudnn,
+                     settings=tuple(args.settings.split(",")))
         print(table(rows))
         with open(os.path.join(args.out, "lightning_attention.json"), "w") as f:
             json.dump(dict(meta=meta, rows=rows), f, indent=1)

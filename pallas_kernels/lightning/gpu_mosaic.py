@@ -73,16 +73,19 @@ def _compiler_params():
         return plgpu.CompilerParams(approx_math=False)
 
 
-def supported(q, v, C, interpret=False) -> bool:
-    """bf16/f16, chunk 64, head dims multiples of 64. In the interpreter float32 runs the kernel too
-    (its products are exact there, which lets the tests check the kernel at float32 tolerances);
-    compiled, float32 goes to the Triton kernels, since wgmma would round it to tf32."""
-    Dk, Dv = q.shape[-1], v.shape[-1]
+def supported_call(dtype, C, interpret=False) -> bool:
+    """bf16/f16 and chunk 64. In the interpreter float32 runs the kernel too (its products are exact
+    there, which lets the tests check the kernel at float32 tolerances); compiled, float32 goes to the
+    Triton kernels, since wgmma would round it to tf32."""
     dtypes = (jnp.bfloat16, jnp.float16) + ((jnp.float32,) if interpret else ())
     if interpret and not interpret_supported():
         return False
-    return (jnp.dtype(q.dtype) in tuple(map(jnp.dtype, dtypes)) and C == CHUNK and Dk % 64 == 0
-            and Dv % 64 == 0)
+    return jnp.dtype(dtype) in tuple(map(jnp.dtype, dtypes)) and C == CHUNK
+
+
+def supported(q, v, C, interpret=False) -> bool:
+    """``supported_call`` and head dims that are multiples of 64 (``lightning_pallas`` pads them)."""
+    return supported_call(q.dtype, C, interpret) and q.shape[-1] % 64 == 0 and v.shape[-1] % 64 == 0
 
 
 def _transforms(dtype):
@@ -90,18 +93,31 @@ def _transforms(dtype):
     return plgpu.TilingTransform((8, 128 // jnp.dtype(dtype).itemsize)), plgpu.SwizzleTransform(128)
 
 
-def _walk_kernel(*refs, T, C, L, BV, Dy, steps, dtype, reverse, with_out, docs, interp):
+def _walk_kernel(*refs, T, C, L, seg0, BV, Dy, steps, dtype, reverse, with_out, docs, interp, lean, from_zero):
     refs = list(refs)
     first_ref, last_ref = (refs.pop(0), refs.pop(0)) if docs else (None, None)
     if with_out:
-        (x_ref, y_ref, z_ref, s0_ref, lam_ref, out_ref, st_ref,
-         s16_smem, zr_smem, out_smem2, st_smem, lam_smem, bars) = refs
+        x_ref, y_ref, z_ref, *refs = refs
     else:  # state only: no X, no outputs
-        (y_ref, z_ref, s0_ref, lam_ref, st_ref, zr_smem, st_smem, lam_smem, bars) = refs
+        x_ref, (y_ref, z_ref, *refs) = None, refs
+    s0_ref = None if from_zero else refs.pop(0)
+    lam_ref, *refs = refs
+    out_ref, st_ref, *refs = refs if with_out else [None] + refs
+    s16_smem, *refs = refs if with_out else [None] + refs
+    zr_smem, *refs = refs
+    out_smem, *refs = refs if with_out else [None] + refs
+    st_smem, *refs = [None] + refs if lean else refs  # lean: the state buffer is scoped (see _walk)
+    lam_smem, bars = refs
     bi, hi, ji, si = (lax.axis_index(a) for a in ("b", "h", "j", "s"))
     cols = pl.ds(ji * BV, BV)
     wg = plgpu.Layout.WGMMA
     row_layout = wg.reduce(1)
+    st_type = plgpu.SMEM((Dy, BV), F32, transforms=_transforms(F32))
+
+    def with_state_buffer(f):
+        """f(st_smem) on the float32 [Dy, BV] staging buffer: a kernel-long scratch, or in lean mode one
+        scoped to this use, whose shared memory the pipeline's buffers reuse."""
+        return pl.run_scoped(f, st_type) if lean else f(st_smem)
 
     # The interpreter has no register layouts: plain iotas, loads and dots there.
     def iota(shape, dim, layout):
@@ -122,11 +138,16 @@ def _walk_kernel(*refs, T, C, L, BV, Dy, steps, dtype, reverse, with_out, docs, 
     def dot(u, w, dims):
         return lax.dot_general(u, w, (dims, ((), ())), preferred_element_type=F32)
 
-    plgpu.copy_gmem_to_smem(s0_ref.at[bi, hi, si, :, cols], st_smem, bars.at[0])
     plgpu.copy_gmem_to_smem(lam_ref.at[hi], lam_smem, bars.at[1])
-    plgpu.barrier_wait(bars.at[0])
+    if from_zero:  # local state walks of segments start from zero: nothing to load
+        S0 = zeros((Dy, BV))
+    else:
+        def load_state(buf):
+            plgpu.copy_gmem_to_smem(s0_ref.at[bi, hi, si, :, cols], buf, bars.at[0])
+            plgpu.barrier_wait(bars.at[0])
+            return load_wg(buf)
+        S0 = with_state_buffer(load_state)
     plgpu.barrier_wait(bars.at[1])
-    S0 = load_wg(st_smem)
     lam = lam_smem[0]  # scalar rate of this head
     rows = iota((C,), 0, row_layout).astype(F32)
 
@@ -136,7 +157,9 @@ def _walk_kernel(*refs, T, C, L, BV, Dy, steps, dtype, reverse, with_out, docs, 
         dist = (c2 - r2) if reverse else (r2 - c2)
         M = jnp.where(dist >= 0, jnp.exp(-lam * jnp.maximum(dist, 0).astype(F32)), zeros((C, C)))
     # the chunk a pipeline step visits: reverse walks take a segment's chunks last to first
-    chunk = (lambda i: si * L + L - 1 - i) if reverse else (lambda i: si * L + i)
+    # (seg0: the walk's segments are the sequence's segments seg0, seg0 + 1, ...)
+    seg = si + seg0
+    chunk = (lambda i: seg * L + L - 1 - i) if reverse else (lambda i: seg * L + i)
 
     def bcast(row, width):
         return lax.broadcast_in_dim(row, (C, width), [0])
@@ -196,12 +219,17 @@ def _walk_kernel(*refs, T, C, L, BV, Dy, steps, dtype, reverse, with_out, docs, 
         else:
             o = pl.run_state(lambda acc: plgpu.wgmma(acc, p16, z_smem))(plgpu.ACC.init(o_inter))
 
-        # Outputs leave through two SMEM slots and TMA stores (at most one store in flight).
-        slot = lax.rem(idx[0], 2)
-        plgpu.wait_smem_to_gmem(1, wait_read_only=True)
-        out_smem2.at[slot][...] = o.astype(dtype)
+        # Outputs leave through SMEM and TMA stores: two slots (at most one store in flight while the next
+        # chunk is written), or in lean mode one slot (its store must have read it before the next write).
+        if lean:
+            dst = out_smem
+            plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+        else:
+            dst = out_smem.at[lax.rem(idx[0], 2)]
+            plgpu.wait_smem_to_gmem(1, wait_read_only=True)
+        dst[...] = o.astype(dtype)
         plgpu.commit_smem()
-        plgpu.copy_smem_to_gmem(out_smem2.at[slot], out_ref.at[bi, hi, pl.ds(n * C, C), cols])
+        plgpu.copy_smem_to_gmem(dst, out_ref.at[bi, hi, pl.ds(n * C, C), cols])
         return S_new
 
     tiling, swizzle = _transforms(dtype)
@@ -217,54 +245,69 @@ def _walk_kernel(*refs, T, C, L, BV, Dy, steps, dtype, reverse, with_out, docs, 
         srcs = [first_ref.at[bi], last_ref.at[bi]] + srcs
     pipe = plgpu.emit_pipeline(step, grid=(L,), in_specs=specs, max_concurrent_steps=steps, init_carry=S0)
     S = pipe(*srcs)
-    st_smem[...] = S
-    plgpu.commit_smem()
-    plgpu.copy_smem_to_gmem(st_smem, st_ref.at[bi, hi, si, :, cols])
-    plgpu.wait_smem_to_gmem(0)
+
+    def store_state(buf):
+        buf[...] = S
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(buf, st_ref.at[bi, hi, si, :, cols])
+        plgpu.wait_smem_to_gmem(0)
+    with_state_buffer(store_state)
 
 
-def _walk(x, y, z, lam, s0, *, T, C, reverse=False, BV=64, steps=2, with_out=True, docs=None, interpret=False):
-    """Walks over the chunks of P segments at once (P = s0.shape[2]; segment p covers chunks
-    [p L, (p + 1) L) and starts from s0[:, :, p]).
+def _walk(x, y, z, lam, s0, *, T, C, reverse=False, BV=64, steps=2, with_out=True, docs=None, interpret=False,
+          L=None, seg0=0, segments=None, lean=False):
+    """Walks over the chunks of segments at once: segment p covers chunks [p L, (p + 1) L), the walk
+    visits segments seg0 .. seg0 + P - 1 (P = s0.shape[2], or ``segments`` when s0 is None: walks
+    from a zero state) and starts segment seg0 + i from s0[:, :, i]. ``L``: chunks per segment
+    (default: all chunks split into P).
 
     ``docs``: None, or ``doc_bounds`` of packed rows (the state restarts at each document start).
+    ``lean``: one output slot and a scoped state buffer (less shared memory, more programs per SM).
 
     Returns (out [B, H, Tp, Dz] in y's dtype, or None without ``with_out``; the state leaving each
-    segment [B, H, P, Dy, Dz] float32).
+    walked segment [B, H, P, Dy, Dz] float32).
     """
     B, H, Tp, Dy = y.shape
     Dz = z.shape[-1]
-    P = s0.shape[2]
+    P = segments if s0 is None else s0.shape[2]
     N = Tp // C
-    if N % P:
-        raise ValueError(f"mosaic_gpu lightning kernel: {N} chunks do not split into {P} segments")
-    L = N // P
+    if L is None:
+        if N % P:
+            raise ValueError(f"mosaic_gpu lightning kernel: {N} chunks do not split into {P} segments")
+        L = N // P
+    if (seg0 + P) * L > N:
+        raise ValueError(f"mosaic_gpu lightning kernel: segments {seg0}..{seg0 + P - 1} of {L} chunks exceed "
+                         f"the {N} chunks")
     BV = min(BV, Dz)
     if Dz % BV:
         raise ValueError(f"mosaic_gpu lightning kernel: the column tile BV={BV} must divide the head dim {Dz}")
     dtype = y.dtype
-    smem16 = lambda shape: plgpu.SMEM(shape, dtype, transforms=_transforms(dtype))
+    smem16 = lambda shape: plgpu.SMEM(shape, dtype, transforms=_transforms(dtype))  # noqa: E731
     # float32 state buffer: 128-byte swizzled rows of 32 floats (TMA in/out, WGMMA-layout loads/stores).
-    smem32 = plgpu.SMEM((Dy, BV), F32, transforms=_transforms(F32))
-    scratch = [smem16((C, BV)), smem32, plgpu.SMEM((LAM_PAD,), F32), plgpu.Barrier(num_barriers=2)]
+    smem32 = [] if lean else [plgpu.SMEM((Dy, BV), F32, transforms=_transforms(F32))]
+    tail = smem32 + [plgpu.SMEM((LAM_PAD,), F32), plgpu.Barrier(num_barriers=2)]
     st_type = jax.ShapeDtypeStruct((B, H, P, Dy, Dz), F32)
     if with_out:
-        scratch = [smem16((Dy, BV))] + scratch[:1] + [smem16((2, C, BV))] + scratch[1:]
+        out_slots = (C, BV) if lean else (2, C, BV)
+        scratch = [smem16((Dy, BV)), smem16((C, BV)), smem16(out_slots)] + tail
         out_type, args = (jax.ShapeDtypeStruct((B, H, Tp, Dz), dtype), st_type), (x, y, z)
     else:
+        scratch = [smem16((C, BV))] + tail
         out_type, args = (st_type,), (y, z)
     lam_rows = jnp.broadcast_to(lam.astype(F32)[:, None], (H, LAM_PAD))
     if docs is not None:
         args = (docs.first, docs.last) + args
-    kern = functools.partial(_walk_kernel, T=T, C=C, L=L, BV=BV, Dy=Dy, steps=max(1, min(steps, L)),
+    if s0 is not None:
+        args = args + (s0.astype(F32),)
+    kern = functools.partial(_walk_kernel, T=T, C=C, L=L, seg0=seg0, BV=BV, Dy=Dy, steps=max(1, min(steps, L)),
                              dtype=dtype, reverse=reverse, with_out=with_out, docs=docs is not None,
-                             interp=bool(interpret))
+                             interp=bool(interpret), lean=bool(lean), from_zero=s0 is None)
     kw = {"interpret": _interpret_params()} if interpret else {}
     res = plgpu.kernel(
         kern, out_type=out_type, scratch_types=scratch,
         grid=(B, H, Dz // BV, P), grid_names=("b", "h", "j", "s"),
         compiler_params=_compiler_params(), **kw,
-    )(*args, s0.astype(F32), lam_rows)
+    )(*args, lam_rows)
     return tuple(res) if with_out else (None, res[0])
 
 
@@ -273,12 +316,57 @@ def _walk(x, y, z, lam, s0, *, T, C, reverse=False, BV=64, steps=2, with_out=Tru
 # ----------------------------------------------------------------------------------------------
 
 def pick_segments(programs, N, *, target=128, min_chunks=8):
-    """Segments per sequence: the smallest power of two that gives ``target`` programs, keeping at
-    least ``min_chunks`` chunks per segment (1 when B * H * tiles already fills the GPU)."""
+    """The first rule (``rule="programs"``): the smallest power of two that gives ``target`` programs,
+    keeping at least ``min_chunks`` chunks per segment (1 when B * H * tiles already fills the GPU)."""
     P = 1
     while programs * P < target and N >= 2 * P * min_chunks:
         P *= 2
     return P
+
+
+def sm_count(default=132):
+    """Streaming multiprocessors of the first GPU (H100 and H200: 132); ``default`` off a GPU."""
+    try:
+        dev = jax.devices()[0]
+        n = getattr(dev, "core_count", None) if dev.platform == "gpu" else None
+        return int(n) if n else default
+    except Exception:  # pragma: no cover
+        return default
+
+
+def segment_cost(programs, N, P, *, slots, state_cost, join_cost, launch_cost, skip_unused=True, out_walks=1,
+                 state_walks=1):
+    """Predicted time of a pass split into P segments, in units of one chunk step of an output walk on
+    one SM: ``out_walks`` output walks of ``waves`` x ``L`` steps (``slots`` programs run at once, L
+    chunks per segment), and for P > 1 ``state_walks`` state-only walks (a step costs ``state_cost``;
+    with ``skip_unused`` the segment whose local state nobody reads is not walked), each with a join
+    (``launch_cost`` for the extra launches plus ``join_cost`` per segment)."""
+    L = -(-N // P)
+    waves = lambda units: -(-units // slots)  # noqa: E731
+    cost = out_walks * waves(programs * P) * L
+    if P > 1:
+        walked = programs * (P - 1 if skip_unused else P)
+        cost += state_walks * (waves(walked) * L * state_cost + launch_cost + join_cost * P)
+    return cost
+
+
+def plan_segments(programs, N, *, slots, state_cost, join_cost, launch_cost, min_chunks, skip_unused=True,
+                  out_walks=1, state_walks=lambda P: 1, pad_units=6, margin=0.05, max_segments=512):
+    """The segment count with the least predicted time (``segment_cost``) among those that keep at least
+    ``min_chunks`` chunks per segment. A count that does not divide N needs a padded copy of the
+    inputs: ``pad_units`` tensor passes (read and write) against the 4 of an output walk. A count
+    replaces a smaller one only when it is predicted ``margin`` faster (the model is rough)."""
+    def cost(P):
+        c = segment_cost(programs, N, P, slots=slots, state_cost=state_cost, join_cost=join_cost,
+                         launch_cost=launch_cost, skip_unused=skip_unused, out_walks=out_walks,
+                         state_walks=state_walks(P))
+        return c + (pad_units / 4 * programs * N / slots if N % P else 0.0)
+    best, best_cost = 1, cost(1)
+    for P in range(2, min(max_segments, N // max(1, min_chunks)) + 1):
+        c = cost(P)
+        if c < best_cost * (1 - margin):
+            best, best_cost = P, c
+    return best
 
 
 class DocBounds(NamedTuple):
@@ -308,15 +396,21 @@ def doc_bounds(segment_ids, Tp, C, P) -> DocBounds:
     return DocBounds(first.astype(jnp.int32), last.astype(jnp.int32), start.reshape(B, P, -1).any(-1))
 
 
-def _entering_states(y, z, lam, s_in, *, T, C, P, reverse, BV, steps, interpret, docs=None):
-    """The state entering each of P segments: local state-only walks from zero, then the join."""
+def _entering_states(y, z, lam, s_in, *, T, C, P, reverse, BV, steps, interpret, docs=None, skip_unused=False,
+                     lean=False):
+    """The state entering each of P segments: local state-only walks from zero, then the join. With
+    ``skip_unused`` the segment whose local state no other segment reads (the last one of a forward
+    walk, the first of a reverse walk) is not walked."""
     if P == 1:
         return s_in.astype(F32)[:, :, None]
-    B, H, _, Dy = y.shape
-    zeros = jnp.zeros((B, H, P, Dy, z.shape[-1]), F32)
-    _, M = _walk(None, y, z, lam, zeros, T=T, C=C, reverse=reverse, BV=BV, steps=steps, with_out=False,
-                 docs=docs, interpret=interpret)
-    return cm.segment_join(M, lam, s_in.astype(F32), T=T, C=C, L=(y.shape[2] // C) // P, reverse=reverse,
+    L = (y.shape[2] // C) // P
+    walked = P - 1 if skip_unused else P
+    seg0 = 1 if (skip_unused and reverse) else 0
+    _, M = _walk(None, y, z, lam, None, T=T, C=C, reverse=reverse, BV=BV, steps=steps, with_out=False,
+                 docs=docs, interpret=interpret, L=L, seg0=seg0, segments=walked, lean=lean)
+    if walked < P:  # the unread segment's state is never used by the join: zeros stand in
+        M = jnp.pad(M, ((0, 0), (0, 0), (1, 0) if reverse else (0, 1), (0, 0), (0, 0)))
+    return cm.segment_join(M, lam, s_in.astype(F32), T=T, C=C, L=L, reverse=reverse,
                            reset=None if docs is None else docs.reset)
 
 
@@ -334,47 +428,117 @@ def _t(s):
     return jnp.swapaxes(s, -1, -2)
 
 
-def fwd(q, k, v, decay, h0, *, T, C, BV=64, BK=None, steps=2, segments=None, target_programs=128,
-        segment_ids=None, interpret=False, **triton_kw):
-    """(o, final state). ``segments`` per sequence (None: ``pick_segments``); ``BK`` is the backward's
-    (accepted here so that one tuning dict serves both directions). ``segment_ids [B, T]``: packed
-    documents (the Triton fallback does not take them)."""
+# Shared memory per SM and per block on Hopper (bytes), and what the hardware reserves per block.
+SMEM_PER_SM, SMEM_RESERVED = 228 * 1024, 1024
+
+
+def walk_smem_bytes(Dx, Dy, BV, steps, *, dtype_bytes=2, with_out=True, lean=False):
+    """Shared memory of one ``_walk`` program (the pipeline's stages, operand and output buffers)."""
+    C = CHUNK
+    stage = C * ((Dx if with_out else 0) + Dy + BV) * dtype_bytes
+    fixed = C * BV * dtype_bytes  # r_st * Z
+    if with_out:
+        fixed += Dy * BV * dtype_bytes + (1 if lean else 2) * C * BV * dtype_bytes  # bf16(S), output slots
+    state = Dy * BV * 4  # the float32 staging buffer (scoped in lean mode: the stages reuse it)
+    body = max(steps * stage, state) if lean else steps * stage + state
+    return fixed + body + LAM_PAD * 4 + 64
+
+
+def programs_per_sm(smem, max_programs=2):
+    """Programs of one warpgroup resident per SM, from shared memory (capped: registers)."""
+    return max(1, min(max_programs, SMEM_PER_SM // (smem + SMEM_RESERVED)))
+
+
+def _segments(B, H, tiles, N, *, Dx, Dy, BV, steps, lean, segments, rule, target_programs, state_cost,
+              join_cost, launch_cost, min_chunks, skip_unused, backward=False, fwd_segments=None):
+    """Segments per sequence for one pass (forward, or with ``backward`` the three backward walks, whose
+    forward-direction state walk is saved when the segment count equals the forward's,
+    ``fwd_segments``) of ``tiles`` column tiles per (b, h)."""
+    if segments:
+        return int(segments)
+    if rule == "programs":
+        return pick_segments(B * H * tiles, N, target=target_programs)
+    if rule != "waves":
+        raise ValueError(f"mosaic_gpu lightning kernel: rule={rule!r}; expected 'programs' or 'waves'")
+    slots = sm_count() * programs_per_sm(walk_smem_bytes(Dx, Dy, BV, steps, lean=lean))
+    walks = (lambda P: 1 if P == fwd_segments else 2) if backward else (lambda P: 1)
+    return plan_segments(B * H * tiles, N, slots=slots, state_cost=state_cost, join_cost=join_cost,
+                         launch_cost=launch_cost, min_chunks=min_chunks, skip_unused=skip_unused,
+                         out_walks=3 if backward else 1, state_walks=walks, pad_units=8 if backward else 6)
+
+
+# Strategy defaults: see docs/kernels.md ("Choosing segments") for the measurements behind them. The
+# first rule ("programs": the smallest power of two reaching 128 programs, no skipped walk, no reuse) is
+# kept for comparison: tuning={"rule": "programs", "skip_unused": False, "reuse_states": False}.
+STRATEGY = dict(rule="waves", target_programs=128, state_cost=0.4, join_cost=0.5, launch_cost=6.0, min_chunks=8,
+                skip_unused=True, lean=False, reuse_states=True)
+LEGACY = dict(rule="programs", skip_unused=False, reuse_states=False)
+
+
+def _strategy(kw):
+    """The strategy keys of a tuning dict (defaults from STRATEGY); the rest are returned separately."""
+    strat = {k: kw.pop(k, v) for k, v in STRATEGY.items()}
+    return strat, kw
+
+
+def fwd(q, k, v, decay, h0, *, T, C, BV=64, BK=None, steps=2, segments=None, segment_ids=None, interpret=False,
+        return_states=False, **kw):
+    """(o, final state), and with ``return_states`` the states entering each segment (None without
+    segments), which the backward can reuse (``bwd(fwd_states=...)``). ``segments`` per sequence
+    (None: the strategy's rule, see ``STRATEGY``); ``BK`` is the backward's (accepted here so that one
+    tuning dict serves both directions). ``segment_ids [B, T]``: packed documents."""
     del BK
-    if not supported(q, v, C, interpret):
-        if segment_ids is not None:
-            raise NotImplementedError("lightning_attention: packed rows (segment_ids) need the Mosaic kernel")
-        return gpu_triton.fwd_fused(q, k, v, decay, h0, T=T, C=C, BV=BV, interpret=interpret, **triton_kw)
-    B, H, Tp, _ = q.shape
-    BV = min(BV, v.shape[-1])
-    P = segments or pick_segments(B * H * (v.shape[-1] // BV), Tp // C, target=target_programs)
+    strat, triton_kw = _strategy(dict(kw))
+    if not supported(q, v, C, interpret):  # packed rows never come here (op.packed_rows_on_kernel)
+        triton_kw.setdefault("f32_precision", "tf32x3")
+        out = gpu_triton.fwd_fused(q, k, v, decay, h0, T=T, C=C, BV=BV, interpret=interpret, **triton_kw)
+        return out + (None,) if return_states else out
+    B, H, Tp, Dk = q.shape
+    Dv = v.shape[-1]
+    BV = min(BV, Dv)
+    reuse, lean, skip = strat.pop("reuse_states"), strat.pop("lean"), strat["skip_unused"]
+    P = _segments(B, H, Dv // BV, Tp // C, Dx=Dk, Dy=Dk, BV=BV, steps=steps, lean=lean, segments=segments,
+                  **strat)
     qp, kp, vp = _pad_chunks([q, k, v], C, P)
     docs = None if segment_ids is None else doc_bounds(segment_ids, qp.shape[2], C, P)
-    kw = dict(T=T, C=C, BV=BV, steps=steps, interpret=interpret, docs=docs)
-    E = _entering_states(kp, vp, decay, h0, P=P, reverse=False, **kw)
+    kw = dict(T=T, C=C, BV=BV, steps=steps, interpret=interpret, docs=docs, lean=lean)
+    E = _entering_states(kp, vp, decay, h0, P=P, reverse=False, skip_unused=skip, **kw)
     o, st = _walk(qp, kp, vp, decay, E, **kw)
-    return o[:, :, :Tp], st[:, :, -1]
+    out = (o[:, :, :Tp], st[:, :, -1])
+    if return_states:
+        return out + (E if (P > 1 and reuse) else None,)
+    return out
 
 
-def bwd(q, k, v, decay, h0, do, dht, *, T, C, BK=64, BV=64, steps=2, segments=None, target_programs=128,
-        segment_ids=None, interpret=False, **triton_kw):
+def bwd(q, k, v, decay, h0, do, dht, *, T, C, BK=64, BV=64, steps=2, segments=None, segment_ids=None,
+        interpret=False, fwd_states=None, **kw):
     """(dq, dk, dv, dh0) from three walks (see the module docstring); the Triton fused backward where
     Mosaic does not apply. With segments, the dq walk starts each segment from the forward's entering
-    state and the dk and dv walks from the state cotangent entering it from the right."""
-    if not supported(q, v, C, interpret):
-        if segment_ids is not None:
-            raise NotImplementedError("lightning_attention: packed rows (segment_ids) need the Mosaic kernel")
+    state (``fwd_states`` from ``fwd(return_states=True)`` when the segment counts agree, else a
+    state-only walk) and the dk and dv walks from the state cotangent entering it from the right."""
+    strat, triton_kw = _strategy(dict(kw))
+    if not supported(q, v, C, interpret):  # packed rows never come here (op.packed_rows_on_kernel)
+        triton_kw.setdefault("f32_precision", "tf32x3")
         return gpu_triton.bwd_fused(q, k, v, decay, h0, do, dht, T=T, C=C, BK=BK, BV=BV, interpret=interpret,
                                     **triton_kw)
     B, H, Tp, Dk = q.shape
     Dv = v.shape[-1]
     BK, BV = min(BK, Dk), min(BV, Dv)
-    P = segments or pick_segments(B * H * min(Dk // BK, Dv // BV), Tp // C, target=target_programs)
+    reuse, lean, skip = strat.pop("reuse_states"), strat.pop("lean"), strat["skip_unused"]
+    # the forward's segment count (as fwd picks it with the same tuning): its states can be reused
+    fwd_P = _segments(B, H, Dv // BV, Tp // C, Dx=Dk, Dy=Dk, BV=BV, steps=steps, lean=lean, segments=segments,
+                      **strat) if reuse else None
+    P = _segments(B, H, min(Dk // BK, Dv // BV), Tp // C, Dx=max(Dk, Dv), Dy=max(Dk, Dv), BV=max(BK, BV),
+                  steps=steps, lean=lean, segments=segments, backward=True, fwd_segments=fwd_P, **strat)
     qp, kp, vp, dop = _pad_chunks([q, k, v, do.astype(q.dtype)], C, P)
     docs = None if segment_ids is None else doc_bounds(segment_ids, qp.shape[2], C, P)
-    kw = dict(T=T, C=C, steps=steps, interpret=interpret, docs=docs)
-    E_fwd = _entering_states(vp, kp, decay, _t(h0), P=P, reverse=False, BV=BK, **kw)  # [.., Dv, Dk]
+    kw = dict(T=T, C=C, steps=steps, interpret=interpret, docs=docs, lean=lean)
+    if fwd_states is not None and fwd_states.shape[2] == P:
+        E_fwd = _t(fwd_states)  # [.., Dv, Dk]: the forward's entering states, transposed
+    else:
+        E_fwd = _entering_states(vp, kp, decay, _t(h0), P=P, reverse=False, BV=BK, skip_unused=skip, **kw)
     dq, _ = _walk(dop, vp, kp, decay, E_fwd, BV=BK, **kw)
-    E_rev = _entering_states(qp, dop, decay, dht, P=P, reverse=True, BV=BV, **kw)  # [.., Dk, Dv]
+    E_rev = _entering_states(qp, dop, decay, dht, P=P, reverse=True, BV=BV, skip_unused=skip, **kw)  # [.., Dk, Dv]
     dv, dS = _walk(kp, qp, dop, decay, E_rev, reverse=True, BV=BV, **kw)
     dk, _ = _walk(vp, dop, qp, decay, _t(E_rev), reverse=True, BV=BK, **kw)
     return dq[:, :, :Tp], dk[:, :, :Tp], dv[:, :, :Tp], dS[:, :, 0]

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-
 import jax
 import jax.numpy as jnp
 
@@ -12,11 +10,6 @@ from pallas_kernels.lightning import reference, vjp
 from pallas_kernels.lightning.vjp import KernelConfig
 
 BACKENDS = ("auto", "reference", "pallas_gpu", "pallas_tpu")
-
-# Packed rows (segment_ids) on the Mosaic GPU kernel: exact in the Mosaic GPU interpreter and lowered for
-# the GPU, but not yet run compiled on one, so off by default (packed rows then take the reference).
-# Enable with M1_MOSAIC_PACKED=1 in the environment or by setting this to True.
-PACKED_ON_MOSAIC = os.environ.get("M1_MOSAIC_PACKED", "0") == "1"
 DEFAULT_BLOCK_SIZE = 256
 
 
@@ -61,7 +54,8 @@ def lightning_attention(q, k, v, decay, *, initial_state=None, block_size=None, 
     """Lightning attention (linear attention with per-head exponential decay).
 
     Args:
-      q, k: ``[B, H, T, Dk]``; v: ``[B, H, T, Dv]`` (bf16 or float32). No scale is applied.
+      q, k: ``[B, H, T, Dk]``; v: ``[B, H, T, Dv]`` (bf16 or float32). No scale is applied. float32
+        inputs on a GPU run on the reference (``float32_on_reference``).
       decay: ``[H]`` float32 rates lambda; the per-step factor is ``exp(-lambda)``.
       initial_state: optional ``[B, H, Dk, Dv]`` float32 state entering the sequence.
       block_size: the reference backend's chunk length (default 256); it changes rounding only, never
@@ -71,9 +65,8 @@ def lightning_attention(q, k, v, decay, *, initial_state=None, block_size=None, 
         the reference on CPU).
       interpret: run Pallas backends in interpret mode (on the CPU).
       segment_ids: optional ``[B, T]`` int document ids for packed rows; the state restarts at each
-        document start. The reference implements this, and so does the Mosaic GPU kernel once enabled
-        (``PACKED_ON_MOSAIC``, not yet run compiled on a GPU); other Pallas kernels fall back to the
-        reference for such calls.
+        document start. They run on the Mosaic GPU kernel where it is chosen (Hopper, bf16/f16) and on
+        the reference elsewhere (``packed_rows_on_kernel``).
 
     Returns:
       ``(o, final_state)``: o ``[B, H, T, Dv]`` in q's dtype, final_state ``[B, H, Dk, Dv]`` float32.
@@ -87,10 +80,10 @@ def lightning_attention(q, k, v, decay, *, initial_state=None, block_size=None, 
     decay = decay.astype(jnp.float32)
     if initial_state is not None:
         initial_state = initial_state.astype(jnp.float32)
+    if float32_on_reference(backend, q.dtype, interpret):
+        backend = "reference"
     cfg = None if backend == "reference" else choose_kernel(backend, q.shape, v.shape[-1], q.dtype, None, interpret)
-    if cfg is None or (segment_ids is not None and not (cfg.impl == "mosaic_gpu" and PACKED_ON_MOSAIC)):
-        # Packed documents (segment_ids) run on the reference, or on the Mosaic kernel once enabled
-        # (PACKED_ON_MOSAIC): the Triton and TPU kernels do not restart the state inside a sequence.
+    if cfg is None or (segment_ids is not None and not packed_rows_on_kernel(cfg, q.dtype)):
         block_size = DEFAULT_BLOCK_SIZE if block_size is None else block_size
         return reference.lightning_attention_chunked(q, k, v, decay, initial_state, block_size, segment_ids)
     # The Pallas backends use their tuned chunks: block_size is the reference's (results do not depend
@@ -98,14 +91,26 @@ def lightning_attention(q, k, v, decay, *, initial_state=None, block_size=None, 
     return vjp.lightning_pallas(q, k, v, decay, initial_state, cfg, segment_ids)
 
 
+def float32_on_reference(backend, dtype, interpret=False) -> bool:
+    """Compiled float32 calls on the GPU take the XLA reference (true float32 products). Measured on an
+    H200 at (1, 4, 520, 128) (docs/benchmarks/lightning_attention.md): the Triton kernels with plain
+    float32 products compiled for over 100 s; with three-pass tf32 products they compile in seconds at
+    float32 accuracy (4e-7 from float64) but ran slower than the reference there. They stay available
+    through ``lightning_attention_kernel``."""
+    return backend == "pallas_gpu" and not interpret and jnp.dtype(dtype) == jnp.float32
 
-# GPU defaults (tuned on H100, see docs/benchmarks/lightning_attention.md). Tuning keys prefixed
-# ``fwd_``/``bwd_`` apply to one direction only.
+
+# GPU defaults (see docs/kernels.md and docs/benchmarks/lightning_attention.md). Tuning keys prefixed
+# ``fwd_``/``bwd_`` apply to one direction only. Explicit float32 calls of the Triton kernels use
+# three-pass tf32 products ("tf32x3", error near float32's): plain float32 ("ieee") products compile for
+# minutes at these tiles (measured on an H200: the C=128 two-stage backward had not compiled after 100 s).
 GPU_FUSED = dict(block_size=64, tuning=(("fwd_BV", 64), ("fwd_num_warps", 4), ("bwd_BK", 64), ("bwd_BV", 64),
-                                        ("bwd_num_warps", 4)))
+                                        ("bwd_num_warps", 4), ("f32_precision", "tf32x3")))
 GPU_CHUNKED = dict(block_size=128, tuning=(("BK", 32), ("BV", 32), ("fwd_BV_out", 128), ("fwd_block_size", 64),
-                                           ("fwd_L", 32), ("bwd_BK_par", 64), ("bwd_BV_par", 64)))
-GPU_MOSAIC = dict(block_size=64, tuning=(("BK", 64), ("BV", 64), ("steps", 3), ("target_programs", 128)))
+                                           ("fwd_L", 32), ("bwd_BK_par", 64), ("bwd_BV_par", 64),
+                                           ("f32_precision", "tf32x3")))
+# The segment strategy (how a sequence is split across the GPU's SMs) is gpu_mosaic.STRATEGY.
+GPU_MOSAIC = dict(block_size=64, tuning=(("BK", 64), ("BV", 64), ("steps", 3)))
 GPU_MIN_PROGRAMS = 96  # fused when B * H * (Dv / 64) reaches this many programs (H100: 132 SMs)
 TPU_BLOCK = 256
 
@@ -157,11 +162,26 @@ def choose_kernel(backend, q_shape, dv, dtype, block_size=None, interpret=False,
     return KernelConfig(impl, int(C), bool(interpret), tuple(sorted(tun.items())))
 
 
+def packed_rows_on_kernel(cfg: KernelConfig, dtype) -> bool:
+    """The one gate for packed rows (``segment_ids``): they run on a kernel only where it restarts the
+    state at document starts, which the Mosaic GPU kernel does (its bf16/f16 form with its 64-token
+    chunk; in the interpreter also float32). The Triton and TPU kernels do not: there packed rows take
+    the reference (``lightning_attention``) or are refused (``lightning_attention_kernel``)."""
+    if cfg.impl != "mosaic_gpu":
+        return False
+    from pallas_kernels.lightning import gpu_mosaic
+    return gpu_mosaic.supported_call(dtype, cfg.block_size, cfg.interpret)
+
+
 def lightning_attention_kernel(q, k, v, decay, *, initial_state=None, backend="pallas_gpu", block_size=None,
                                interpret=False, impl=None, tuning=None, segment_ids=None):
     """Like :func:`lightning_attention` with an explicit kernel choice (``impl``: ``"triton_fused"``,
     ``"triton_chunked"``, ``"mosaic_gpu"``, ``"tpu"``) and tuning dict. For benchmarks and tests.
-    ``segment_ids`` (packed rows) run on ``impl="mosaic_gpu"`` only."""
+    ``segment_ids`` (packed rows) run where ``packed_rows_on_kernel`` allows (``impl="mosaic_gpu"``)."""
     _check_inputs(q, k, v, decay, initial_state, segment_ids)
     cfg = choose_kernel(backend, q.shape, v.shape[-1], q.dtype, block_size, interpret, impl, tuning)
+    if segment_ids is not None and not packed_rows_on_kernel(cfg, q.dtype):
+        raise ValueError(f"lightning_attention_kernel: packed rows (segment_ids) run on the 'mosaic_gpu' kernel "
+                         f"(bf16/f16, chunk 64) or the reference backend; got kernel {cfg.impl!r}, "
+                         f"{jnp.dtype(q.dtype).name}, chunk {cfg.block_size}")
     return vjp.lightning_pallas(q, k, v, decay.astype(jnp.float32), initial_state, cfg, segment_ids)

@@ -74,18 +74,26 @@ def _make_op(cfg: KernelConfig, T: int):
     # ``seg``: None, or segment ids [B, T] of packed rows (only the Mosaic kernels take them).
     docs = lambda seg: {} if seg is None else {"segment_ids": seg}  # noqa: E731
 
+    # The Mosaic forward can hand the backward its segments' entering states (tiny: P states per head).
+    keeps_states = cfg.impl == "mosaic_gpu"
+
     @jax.custom_vjp
     def op(q, k, v, decay, h0, seg):
         return fwd_k(q, k, v, decay, h0, **fkw, **docs(seg))
 
     def op_fwd(q, k, v, decay, h0, seg):
-        return fwd_k(q, k, v, decay, h0, **fkw, **docs(seg)), (q, k, v, decay, h0, seg)
+        if keeps_states:
+            o, ht, states = fwd_k(q, k, v, decay, h0, **fkw, **docs(seg), return_states=True)
+        else:
+            (o, ht), states = fwd_k(q, k, v, decay, h0, **fkw, **docs(seg)), None
+        return (o, ht), (q, k, v, decay, h0, seg, states)
 
     def op_bwd(res, cts):
-        q, k, v, decay, h0, seg = res
+        q, k, v, decay, h0, seg, states = res
         do, dht = cts
         do = do.astype(q.dtype)
-        dq, dk, dv, dh0 = bwd_k(q, k, v, decay, h0, do, dht.astype(F32), **bkw, **docs(seg))
+        extra = {"fwd_states": states} if keeps_states else {}
+        dq, dk, dv, dh0 = bwd_k(q, k, v, decay, h0, do, dht.astype(F32), **bkw, **docs(seg), **extra)
         return dq, dk, dv, jnp.zeros_like(decay), dh0.astype(h0.dtype), None
 
     op.defvjp(op_fwd, op_bwd)
@@ -96,10 +104,7 @@ def _make_op(cfg: KernelConfig, T: int):
 def lightning_pallas(q, k, v, decay, initial_state, cfg: KernelConfig, segment_ids=None):
     """Pads T to a multiple of the chunk (and, for the GPU kernels, head dims to a power of two >= 16,
     with zeros, which changes nothing), runs the custom_vjp op, slices the outputs back.
-    ``segment_ids [B, T]`` (packed rows) only with ``cfg.impl == "mosaic_gpu"``."""
-    if segment_ids is not None and cfg.impl != "mosaic_gpu":
-        raise ValueError(f"lightning_attention: packed rows (segment_ids) run on the 'mosaic_gpu' kernel or the "
-                         f"reference backend; got kernel {cfg.impl!r}")
+    ``segment_ids [B, T]`` (packed rows): only for calls that ``op.packed_rows_on_kernel`` lets through."""
     B, H, T, Dk = q.shape
     Dv = v.shape[-1]
     C = max([cfg.block_size] + [v for k, v in cfg.tuning if k in ("fwd_block_size", "bwd_block_size")])

@@ -42,14 +42,37 @@ def test_mosaic_bf16():
     assert_close(value_and_grads(mosaic_fn(), x), reference_f32(x), 2e-2)
 
 
-@pytest.mark.parametrize("T,segments", [(9 * 64 + 7, 2), (9 * 64 + 7, 4), (8 * 64 + 7, 8)])
-def test_mosaic_segments(T, segments):
-    """Prefill form: sequences split into segments (local state walks, the join, then outputs); with
-    9 chunks in 4 segments the chunks are padded, with 9 in 8 the trailing segments are empty."""
+@pytest.mark.parametrize("T,segments,extra", [
+    (9 * 64 + 7, 3, {}),  # a count that is no power of two (the strategy picks any divisor)
+    (9 * 64 + 7, 4, {"lean": True}),  # padded chunks; one output slot, scoped state buffer
+    (8 * 64 + 7, 8, dict(gpu_mosaic.LEGACY)),  # empty trailing segments; every segment walked, no reuse
+], ids=["P3", "P4-padded-lean", "P8-empty-legacy"])
+def test_mosaic_segments(T, segments, extra):
+    """Prefill form: sequences split into segments (local state walks, the join, then outputs; by
+    default the segment whose local state nobody reads is not walked and the backward reuses the
+    forward's entering states)."""
     x = make(1, 1, T, 64, jnp.float32, seed=segments)
     x["decay"] = jnp.asarray([0.05], jnp.float32)  # slow enough that every segment's state matters
-    got = value_and_grads(mosaic_fn(segments=segments), x)
+    got = value_and_grads(mosaic_fn(segments=segments, **extra), x)
     assert_close(got, reference_f32(x), 2e-5)
+
+
+def test_backward_reuses_the_forward_segment_states(monkeypatch):
+    """With segments, the forward's entering states replace the dq pass's state-only walk (one state
+    walk each way instead of two), and the walks skipped for unread segments cover one segment less."""
+    walks = []
+    real = gpu_mosaic._walk
+
+    def spy(*a, **kw):
+        if not kw.get("with_out", True):
+            walks.append(kw["segments"])
+        return real(*a, **kw)
+    monkeypatch.setattr(gpu_mosaic, "_walk", spy)
+    x = make(1, 1, 8 * 64, 64, jnp.bfloat16, seed=2)
+    for extra, want in (({}, [3, 3]), (dict(gpu_mosaic.LEGACY), [4, 4, 4])):
+        walks.clear()
+        jax.make_jaxpr(lambda x: value_and_grads(mosaic_fn(segments=4, **extra), x))(x)  # traced, not run
+        assert walks == want, (extra, walks)
 
 
 def test_mosaic_prefill_in_two_parts_and_decode():
@@ -117,6 +140,24 @@ def test_pick_segments():
     assert gpu_mosaic.pick_segments(1, 3) == 1
 
 
+def test_plan_segments_fills_waves_of_the_sms():
+    """The shipped rule keyed on the SM count: split until the programs fill one wave of the SMs, never
+    into a partial second wave, only into divisors of the chunk count unless the padding pays."""
+    kw = {k: gpu_mosaic.STRATEGY[k] for k in ("state_cost", "join_cost", "launch_cost", "min_chunks")}
+    plan = lambda programs, N, slots=132, **o: gpu_mosaic.plan_segments(programs, N, slots=slots, **kw, **o)  # noqa
+    assert plan(16, 2048) == 8 and plan(16, 2048, slots=264) == 16  # one full wave, on 132 or 264 SMs
+    assert plan(132, 1024) == 1 and plan(512, 256) == 1  # already a wave or more
+    assert plan(48, 1024) == 8  # 384 programs = 3 waves of 128 chunks, not 4 segments = 192 = 2 waves of 256
+    assert plan(16, 16) == 1  # 16 chunks: an extra state walk and join do not pay
+    P = plan(16, 1025)
+    assert P > 1 and 1025 % P == 0  # 1025 = 5 * 5 * 41 chunks: a divisor, no padded copy
+    assert plan(16, 257) > 1  # a prime count: padding is worth it with 16 programs on 132 SMs
+    assert gpu_mosaic.segment_cost(16, 2048, 8, slots=132, **{k: kw[k] for k in kw if k != "min_chunks"}) < \
+        gpu_mosaic.segment_cost(16, 2048, 1, slots=132, **{k: kw[k] for k in kw if k != "min_chunks"})
+    assert gpu_mosaic.programs_per_sm(gpu_mosaic.walk_smem_bytes(128, 128, 64, 3)) == 1
+    assert gpu_mosaic.programs_per_sm(gpu_mosaic.walk_smem_bytes(128, 128, 64, 2, lean=True)) == 2
+
+
 def test_hopper_gets_the_mosaic_kernel(monkeypatch):
     monkeypatch.setattr(lop, "is_hopper", lambda device=None: True)
     for shape in ((4, 16, 4096, 128), (1, 8, 131072, 128)):
@@ -148,14 +189,14 @@ def _segment_ids(T, starts_per_row):
 
 @pytest.mark.parametrize("T,segments,starts", [
     (3 * 64 + 5, 1, ([5, 6, 64, 100, 130], [63, 64, 65])),  # one-token documents, starts at chunk edges
-    (9 * 64 + 7, 2, ([128, 259, 260, 500], [320, 321])),  # a start at a segment's first row (320)
-    (9 * 64 + 7, 4, ([1, 192, 447], [])),  # 9 chunks in 4 segments: padded chunks
-    (8 * 64 + 7, 8, ([300], [10, 129])),  # 9 chunks in 8 segments: empty trailing segments
+    (9 * 64 + 7, 2, ([128, 259, 260, 320, 321, 500],)),  # a start at a segment's first row (320)
+    (9 * 64 + 7, 4, ([1, 192, 447], [])),  # 9 chunks in 4 segments: padded chunks; a row of one document
+    (8 * 64 + 7, 8, ([10, 129, 300],)),  # 9 chunks in 8 segments: empty trailing segments
 ])
 def test_mosaic_packed_documents(T, segments, starts):
     """Packed rows: the state restarts at each document start (inside chunks, at chunk and segment
     edges); outputs, final state and all gradients against the reference's segment_ids form."""
-    x = make(2, 2, T, 64, jnp.float32, seed=T + segments)
+    x = make(len(starts), 2, T, 64, jnp.float32, seed=T + segments)
     x["decay"] = jnp.asarray([0.05, 1e-3], jnp.float32)
     seg = _segment_ids(T, starts)
     f = lambda q, k, v, d, initial_state: lop.lightning_attention_kernel(  # noqa: E731
@@ -190,8 +231,9 @@ def test_doc_bounds_against_a_loop():
 
 
 def test_packed_rows_route(monkeypatch):
-    """Packed rows take the Mosaic kernel only where it is chosen (Hopper, bf16) and enabled; elsewhere the
-    reference. Other kernels refuse them by name."""
+    """The one gate (op.packed_rows_on_kernel): packed rows take the Mosaic kernel where it is chosen
+    (Hopper, bf16), the reference elsewhere (other GPUs); kernels that cannot take them refuse them by
+    name."""
     from pallas_kernels.lightning import vjp
     x = make(1, 2, 100, 64, jnp.bfloat16, seed=4)
     seg = _segment_ids(100, ([30, 70],))
@@ -199,13 +241,17 @@ def test_packed_rows_route(monkeypatch):
     calls = []
     real = vjp.lightning_pallas
     monkeypatch.setattr(vjp, "lightning_pallas", lambda *a, **k: calls.append(a[5].impl) or real(*a, **k))
-    monkeypatch.setattr(lop, "is_hopper", lambda device=None: True)
-    for enabled in (False, True):
-        monkeypatch.setattr(lop, "PACKED_ON_MOSAIC", enabled)
+    for hopper, route in ((True, ["mosaic_gpu"]), (False, [])):
+        monkeypatch.setattr(lop, "is_hopper", lambda device=None, h=hopper: h)
+        calls.clear()
         o, ht = pallas_kernels.lightning_attention(x["q"], x["k"], x["v"], x["decay"], initial_state=x["h0"],
                                                    backend="pallas_gpu", interpret=True, segment_ids=seg)
         assert_close([o.astype(jnp.float32), ht], want, 2e-2, names=("o", "final_state"))
-        assert calls == (["mosaic_gpu"] if enabled else [])
+        assert calls == route
+    assert lop.packed_rows_on_kernel(lop.choose_kernel("pallas_gpu", (1, 2, 100, 64), 64, jnp.bfloat16,
+                                                       impl="mosaic_gpu"), jnp.bfloat16)
+    assert not lop.packed_rows_on_kernel(lop.choose_kernel("pallas_gpu", (1, 2, 100, 64), 64, jnp.float32,
+                                                           impl="mosaic_gpu"), jnp.float32)  # compiled f32
     with pytest.raises(ValueError, match="segment_ids.*mosaic_gpu"):
         lop.lightning_attention_kernel(x["q"], x["k"], x["v"], x["decay"], impl="triton_fused", interpret=True,
                                        segment_ids=seg)
