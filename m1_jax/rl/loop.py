@@ -142,7 +142,10 @@ def train_rl(run: RunConfig, *, verbose: bool = True) -> RunResult:
     held_out, prompts = task.split(rc.eval_prompts, tc.seed, eval_seed=rc.eval_seed)
     stops = stop_token_ids(tokenizer, rc.stop_text)
     for ex in held_out[:64]:
-        encode_prompts(tokenizer, [ex.prompt], rc.max_prompt_len)  # raises naming a prompt that does not fit
+        try:
+            encode_prompts(tokenizer, [ex.prompt], rc.max_prompt_len)
+        except ValueError as e:
+            raise ConfigError(f"RLConfig.max_prompt_len = {rc.max_prompt_len} is invalid: {e}") from None
         if task.synthetic and len(tokenizer.encode(ex.answer)) + 1 > rc.max_response_len:
             raise ConfigError(f"RLConfig.max_response_len = {rc.max_response_len} is invalid: the answer of "
                               f"{ex.prompt!r} ({ex.answer!r}) and the stop token need "

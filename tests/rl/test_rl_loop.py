@@ -1,10 +1,12 @@
 """The RL loop end to end on a tiny model (a few steps: it learns nothing, every piece runs): the supervised
 warm-up, rollouts, a user reward, dynamic sampling, off-policy minibatch updates, evaluation, metrics,
-checkpoints; resume in the middle of RL is exact (bitwise parameters and the next rollout); failing
-reward functions; the update's non-finite rule."""
+checkpoints; resume in the middle of RL is exact (bitwise parameters and the next rollout); the same run on
+an 8-device CPU mesh (fsdp x tensor x expert, in a subprocess) matches one device; failing reward
+functions; the update's non-finite rule."""
 
 import json
 import os
+import subprocess
 import sys
 
 import jax
@@ -43,7 +45,7 @@ def reward_module(tmp_path_factory):
     folder = tmp_path_factory.mktemp("rewards")
     (folder / "rl_test_rewards.py").write_text(REWARDS)
     sys.path.insert(0, str(folder))
-    yield
+    yield folder
     sys.path.remove(str(folder))
     sys.modules.pop("rl_test_rewards", None)
 
@@ -113,6 +115,48 @@ def test_resume_in_the_middle_of_rl_is_exact(full_run):
     assert [l["step"] for l in part_m] == [0, 1, 2, 3]
     drop = lambda l: {k: v for k, v in l.items() if not k.startswith("perf/")}
     assert drop(part_m[3]) == drop(full_m[3])  # the rollout after the resume and its updates, exactly
+
+
+MESH_SCRIPT = """
+import json, sys
+import jax
+from m1_jax.rl.loop import train_rl
+from m1_jax.train.config import load_config
+assert jax.device_count() == 8, jax.devices()
+bindings, run_dir = json.loads(sys.argv[1]), sys.argv[2]
+res = train_rl(load_config([], bindings + [f"TrainConfig.run_dir = '{run_dir}'", "MeshConfig.fsdp = 2",
+                                           "MeshConfig.tensor = 2", "MeshConfig.expert = 2"]), verbose=False)
+print("DONE", res.status)
+"""
+
+
+def test_rl_on_a_mesh_matches_one_device(full_run, reward_module):
+    """Rollouts, updates and evaluation with the parameters on fsdp 2 x tensor 2 x expert 2: the same samples,
+    rewards and evaluations as the one-device run, close losses and parameters."""
+    from m1_jax.convert.training_checkpoint import load_training_checkpoint
+
+    tmp, _ = full_run
+    bindings = RL + ["TrainConfig.steps = 3", "TrainConfig.fault_steps = (1,)",
+                     f"RLConfig.init_checkpoint = '{tmp}/full/warmup'"]
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=8",
+               PYTHONPATH=os.pathsep.join([str(reward_module), os.environ.get("PYTHONPATH", "")]))
+    out = subprocess.run([sys.executable, "-c", MESH_SCRIPT, json.dumps(bindings), str(tmp / "mesh")],
+                         cwd=os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), env=env,
+                         capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0 and "DONE completed" in out.stdout, out.stdout[-2000:] + out.stderr[-4000:]
+    a, b = _metrics(tmp / "full"), _metrics(tmp / "mesh")
+    assert [l["step"] for l in a] == [l["step"] for l in b] == [0, 1, 2, 3]
+    for x, y in zip(a, b):
+        for k in ("reward/mean", "response/length_mean", "eval/reward_mean", "eval/greedy_reward_mean",
+                  "rollout/kept_groups", "skipped"):
+            if k in x:
+                assert x[k] == y[k], (x["step"], k, x[k], y[k])  # the same samples
+        for k in ("policy_loss", "grad_norm", "entropy", "is/ratio_max", "mismatch/logp_abs_mean"):
+            if k in x:
+                np.testing.assert_allclose(y[k], x[k], rtol=1e-3, atol=1e-5, err_msg=k)
+    pa, pb = (jax.tree.leaves(nnx.state(load_training_checkpoint(str(tmp / r))[1], nnx.Param)) for r in ("full", "mesh"))
+    for x, y in zip(pa, pb, strict=True):
+        np.testing.assert_allclose(np.asarray(y), np.asarray(x), rtol=1e-3, atol=2e-5)
 
 
 def test_failing_reward_function(full_run, capsys):
