@@ -4,13 +4,17 @@ flash attention and fla's Triton ``chunk_simple_gla``.
     python benchmarks/lightning_attention.py --out results/        # check + bench, table + PNG
     python benchmarks/lightning_attention.py --mode tune           # sweep kernel configs per shape
     python benchmarks/lightning_attention.py --mode check          # GPU correctness only
+    python benchmarks/lightning_attention.py --mode sweep --fla --checks --short --f32 --out results/
+                                                                    # shape sweep vs the HBM floor
+    python benchmarks/lightning_attention.py --mode sweep-report --inputs results/sweep_run.json
 
-Prints a table (ms forward / forward+backward, TFLOP/s) and writes ``lightning_attention.png`` and
-``lightning_attention.json`` to ``--out``. bf16 inputs, MiniMax-style slopes, an initial state given
-and the final state returned by every linear kernel. fla is optional (skipped if not importable).
+``bench`` prints a table (ms forward / forward+backward, TFLOP/s) and writes ``lightning_attention.png``
+and ``lightning_attention.json`` to ``--out``: bf16 inputs, MiniMax-style slopes, in two settings
+(``--settings``): "state" (an initial state given and a final-state cotangent of ones, for every
+linear kernel) and "train" (neither). fla is optional (skipped if not importable).
 FLOPs: lightning forward ``B H T (2 C (Dk + Dv) + 4 Dk Dv)`` at C=64 for every linear kernel (the
 same nominal count for all), fwd+bwd = 3x forward; causal softmax forward ``2 B H T^2 D``,
-fwd+bwd = 3.5x forward.
+fwd+bwd = 3.5x forward. ``sweep`` is described in ``lightning_sweep.py``.
 """
 
 from __future__ import annotations
@@ -488,8 +492,8 @@ def main():
         lightning_sweep.report_main(args)
         return
     if args.mode == "worker":  # one process of a sweep (spawned by --mode sweep)
-        import lightning_sweep
-        lightning_sweep.worker_main(args.tasks, args.worker_out, args.lock, args.deadline)
+        import lightning_sweep_worker
+        lightning_sweep_worker.worker_main(args.tasks, args.worker_out, args.lock, args.deadline)
         return
     os.makedirs(args.out, exist_ok=True)
     if args.mode == "report":  # merge the rows of earlier bench runs into one table and plot (no GPU)

@@ -20,14 +20,14 @@ One walk is the forward (X, Y, Z = Q, K, V from h0). The backward is three walks
 dV a reverse walk over (K, Q, dO) from dht, whose final state is d(h0); dK a reverse walk over
 (V, dO, Q) from dht^T.
 
-Segments: when B * H * tiles is too small to fill the GPU (prefill), every walk is split into P
-segments: state-only walks from zero, an XLA join (``common.segment_join``), then the walk from each segment's
-entering state. Packed documents (``segment_ids``, ``doc_bounds``) mask P, a, b and g per chunk and
-stop states at document starts in the join.
+Segments: when B * H * tiles is too small to fill the GPU, every walk is split into P segments
+(the count: ``segments.py``): state-only walks from zero (not for the segment whose local state nobody
+reads), an XLA join (``common.segment_join``), then the walk from each segment's entering state; the
+backward's dq walk reuses the forward's entering states. Packed documents (``segment_ids``,
+``doc_bounds``) mask P, a, b and g per chunk and stop states at document starts in the join.
 
-Requirements: bf16/f16 inputs, chunk C = 64, Dk and Dv multiples of 64. Other calls (float32
-inputs, which need full-precision products, and other shapes) use the Triton kernels
-(``gpu_triton``). Tested on the CPU in the Mosaic GPU interpreter where the installed JAX has one
+Requirements: bf16/f16 inputs, chunk C = 64, Dk and Dv multiples of 64. Other calls (compiled float32
+inputs, which wgmma would round to tf32, and other chunks) use the Triton kernels (``gpu_triton``). Tested on the CPU in the Mosaic GPU interpreter where the installed JAX has one
 (``interpret_supported()``); the interpreter's wgmma has no transposed operands, so there the products
 run as plain dots on the SMEM values.
 """
@@ -45,10 +45,11 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_kernels.lightning import common as cm
 from pallas_kernels.lightning import gpu_triton
+from pallas_kernels.lightning.segments import CHUNK, LAM_PAD, STRATEGY, segments_for
 
 F32 = jnp.float32
-CHUNK = 64
-LAM_PAD = 32  # the rates travel as [H, 32] float32 rows: a TMA copy moves a multiple of 128 bytes
+# CHUNK: the kernel's chunk; LAM_PAD: the rates travel as [H, 32] float32 rows (a TMA copy moves a
+# multiple of 128 bytes)
 
 
 def _interpret_params():
@@ -312,62 +313,8 @@ def _walk(x, y, z, lam, s0, *, T, C, reverse=False, BV=64, steps=2, with_out=Tru
 
 
 # ----------------------------------------------------------------------------------------------
-# Segments: parallelism for prefill shapes (few batch rows and heads, long T)
+# Segments: parallelism when B * H cannot fill the GPU (the count: segments.py)
 # ----------------------------------------------------------------------------------------------
-
-def pick_segments(programs, N, *, target=128, min_chunks=8):
-    """The first rule (``rule="programs"``): the smallest power of two that gives ``target`` programs,
-    keeping at least ``min_chunks`` chunks per segment (1 when B * H * tiles already fills the GPU)."""
-    P = 1
-    while programs * P < target and N >= 2 * P * min_chunks:
-        P *= 2
-    return P
-
-
-def sm_count(default=132):
-    """Streaming multiprocessors of the first GPU (H100 and H200: 132); ``default`` off a GPU."""
-    try:
-        dev = jax.devices()[0]
-        n = getattr(dev, "core_count", None) if dev.platform == "gpu" else None
-        return int(n) if n else default
-    except Exception:  # pragma: no cover
-        return default
-
-
-def segment_cost(programs, N, P, *, slots, state_cost, join_cost, launch_cost, skip_unused=True, out_walks=1,
-                 state_walks=1):
-    """Predicted time of a pass split into P segments, in units of one chunk step of an output walk on
-    one SM: ``out_walks`` output walks of ``waves`` x ``L`` steps (``slots`` programs run at once, L
-    chunks per segment), and for P > 1 ``state_walks`` state-only walks (a step costs ``state_cost``;
-    with ``skip_unused`` the segment whose local state nobody reads is not walked), each with a join
-    (``launch_cost`` for the extra launches plus ``join_cost`` per segment)."""
-    L = -(-N // P)
-    waves = lambda units: -(-units // slots)  # noqa: E731
-    cost = out_walks * waves(programs * P) * L
-    if P > 1:
-        walked = programs * (P - 1 if skip_unused else P)
-        cost += state_walks * (waves(walked) * L * state_cost + launch_cost + join_cost * P)
-    return cost
-
-
-def plan_segments(programs, N, *, slots, state_cost, join_cost, launch_cost, min_chunks, skip_unused=True,
-                  out_walks=1, state_walks=lambda P: 1, pad_units=6, margin=0.05, max_segments=512):
-    """The segment count with the least predicted time (``segment_cost``) among those that keep at least
-    ``min_chunks`` chunks per segment. A count that does not divide N needs a padded copy of the
-    inputs: ``pad_units`` tensor passes (read and write) against the 4 of an output walk. A count
-    replaces a smaller one only when it is predicted ``margin`` faster (the model is rough)."""
-    def cost(P):
-        c = segment_cost(programs, N, P, slots=slots, state_cost=state_cost, join_cost=join_cost,
-                         launch_cost=launch_cost, skip_unused=skip_unused, out_walks=out_walks,
-                         state_walks=state_walks(P))
-        return c + (pad_units / 4 * programs * N / slots if N % P else 0.0)
-    best, best_cost = 1, cost(1)
-    for P in range(2, min(max_segments, N // max(1, min_chunks)) + 1):
-        c = cost(P)
-        if c < best_cost * (1 - margin):
-            best, best_cost = P, c
-    return best
-
 
 class DocBounds(NamedTuple):
     """Packed documents, per row and chunk-local (int32 [B, Tp]): ``first`` is the row where the row's
@@ -428,53 +375,6 @@ def _t(s):
     return jnp.swapaxes(s, -1, -2)
 
 
-# Shared memory per SM and per block on Hopper (bytes), and what the hardware reserves per block.
-SMEM_PER_SM, SMEM_RESERVED = 228 * 1024, 1024
-
-
-def walk_smem_bytes(Dx, Dy, BV, steps, *, dtype_bytes=2, with_out=True, lean=False):
-    """Shared memory of one ``_walk`` program (the pipeline's stages, operand and output buffers)."""
-    C = CHUNK
-    stage = C * ((Dx if with_out else 0) + Dy + BV) * dtype_bytes
-    fixed = C * BV * dtype_bytes  # r_st * Z
-    if with_out:
-        fixed += Dy * BV * dtype_bytes + (1 if lean else 2) * C * BV * dtype_bytes  # bf16(S), output slots
-    state = Dy * BV * 4  # the float32 staging buffer (scoped in lean mode: the stages reuse it)
-    body = max(steps * stage, state) if lean else steps * stage + state
-    return fixed + body + LAM_PAD * 4 + 64
-
-
-def programs_per_sm(smem, max_programs=2):
-    """Programs of one warpgroup resident per SM, from shared memory (capped: registers)."""
-    return max(1, min(max_programs, SMEM_PER_SM // (smem + SMEM_RESERVED)))
-
-
-def _segments(B, H, tiles, N, *, Dx, Dy, BV, steps, lean, segments, rule, target_programs, state_cost,
-              join_cost, launch_cost, min_chunks, skip_unused, backward=False, fwd_segments=None):
-    """Segments per sequence for one pass (forward, or with ``backward`` the three backward walks, whose
-    forward-direction state walk is saved when the segment count equals the forward's,
-    ``fwd_segments``) of ``tiles`` column tiles per (b, h)."""
-    if segments:
-        return int(segments)
-    if rule == "programs":
-        return pick_segments(B * H * tiles, N, target=target_programs)
-    if rule != "waves":
-        raise ValueError(f"mosaic_gpu lightning kernel: rule={rule!r}; expected 'programs' or 'waves'")
-    slots = sm_count() * programs_per_sm(walk_smem_bytes(Dx, Dy, BV, steps, lean=lean))
-    walks = (lambda P: 1 if P == fwd_segments else 2) if backward else (lambda P: 1)
-    return plan_segments(B * H * tiles, N, slots=slots, state_cost=state_cost, join_cost=join_cost,
-                         launch_cost=launch_cost, min_chunks=min_chunks, skip_unused=skip_unused,
-                         out_walks=3 if backward else 1, state_walks=walks, pad_units=8 if backward else 6)
-
-
-# Strategy defaults: see docs/kernels.md ("Choosing segments") for the measurements behind them. The
-# first rule ("programs": the smallest power of two reaching 128 programs, no skipped walk, no reuse) is
-# kept for comparison: tuning={"rule": "programs", "skip_unused": False, "reuse_states": False}.
-STRATEGY = dict(rule="waves", target_programs=128, state_cost=0.4, join_cost=0.5, launch_cost=6.0, min_chunks=8,
-                skip_unused=True, lean=False, reuse_states=True)
-LEGACY = dict(rule="programs", skip_unused=False, reuse_states=False)
-
-
 def _strategy(kw):
     """The strategy keys of a tuning dict (defaults from STRATEGY); the rest are returned separately."""
     strat = {k: kw.pop(k, v) for k, v in STRATEGY.items()}
@@ -497,7 +397,7 @@ def fwd(q, k, v, decay, h0, *, T, C, BV=64, BK=None, steps=2, segments=None, seg
     Dv = v.shape[-1]
     BV = min(BV, Dv)
     reuse, lean, skip = strat.pop("reuse_states"), strat.pop("lean"), strat["skip_unused"]
-    P = _segments(B, H, Dv // BV, Tp // C, Dx=Dk, Dy=Dk, BV=BV, steps=steps, lean=lean, segments=segments,
+    P = segments_for(B, H, Dv // BV, Tp // C, Dx=Dk, Dy=Dk, BV=BV, steps=steps, lean=lean, segments=segments,
                   **strat)
     qp, kp, vp = _pad_chunks([q, k, v], C, P)
     docs = None if segment_ids is None else doc_bounds(segment_ids, qp.shape[2], C, P)
@@ -526,9 +426,9 @@ def bwd(q, k, v, decay, h0, do, dht, *, T, C, BK=64, BV=64, steps=2, segments=No
     BK, BV = min(BK, Dk), min(BV, Dv)
     reuse, lean, skip = strat.pop("reuse_states"), strat.pop("lean"), strat["skip_unused"]
     # the forward's segment count (as fwd picks it with the same tuning): its states can be reused
-    fwd_P = _segments(B, H, Dv // BV, Tp // C, Dx=Dk, Dy=Dk, BV=BV, steps=steps, lean=lean, segments=segments,
+    fwd_P = segments_for(B, H, Dv // BV, Tp // C, Dx=Dk, Dy=Dk, BV=BV, steps=steps, lean=lean, segments=segments,
                       **strat) if reuse else None
-    P = _segments(B, H, min(Dk // BK, Dv // BV), Tp // C, Dx=max(Dk, Dv), Dy=max(Dk, Dv), BV=max(BK, BV),
+    P = segments_for(B, H, min(Dk // BK, Dv // BV), Tp // C, Dx=max(Dk, Dv), Dy=max(Dk, Dv), BV=max(BK, BV),
                   steps=steps, lean=lean, segments=segments, backward=True, fwd_segments=fwd_P, **strat)
     qp, kp, vp, dop = _pad_chunks([q, k, v, do.astype(q.dtype)], C, P)
     docs = None if segment_ids is None else doc_bounds(segment_ids, qp.shape[2], C, P)

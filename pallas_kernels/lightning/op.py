@@ -109,7 +109,7 @@ GPU_FUSED = dict(block_size=64, tuning=(("fwd_BV", 64), ("fwd_num_warps", 4), ("
 GPU_CHUNKED = dict(block_size=128, tuning=(("BK", 32), ("BV", 32), ("fwd_BV_out", 128), ("fwd_block_size", 64),
                                            ("fwd_L", 32), ("bwd_BK_par", 64), ("bwd_BV_par", 64),
                                            ("f32_precision", "tf32x3")))
-# The segment strategy (how a sequence is split across the GPU's SMs) is gpu_mosaic.STRATEGY.
+# The segment strategy (how a sequence is split across the GPU's SMs) is segments.STRATEGY.
 GPU_MOSAIC = dict(block_size=64, tuning=(("BK", 64), ("BV", 64), ("steps", 3)))
 GPU_MIN_PROGRAMS = 96  # fused when B * H * (Dv / 64) reaches this many programs (H100: 132 SMs)
 TPU_BLOCK = 256

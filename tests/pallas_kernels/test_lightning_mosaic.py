@@ -15,6 +15,7 @@ from pallas_kernels.lightning import common as cm
 from pallas_kernels.lightning import gpu_mosaic
 from pallas_kernels.lightning import op as lop
 from pallas_kernels.lightning import reference
+from pallas_kernels.lightning import segments as sg
 import pallas_kernels
 from test_lightning_kernels import assert_close, kernel_fn, make, reference_f32, rel, value_and_grads
 
@@ -45,7 +46,7 @@ def test_mosaic_bf16():
 @pytest.mark.parametrize("T,segments,extra", [
     (9 * 64 + 7, 3, {}),  # a count that is no power of two (the strategy picks any divisor)
     (9 * 64 + 7, 4, {"lean": True}),  # padded chunks; one output slot, scoped state buffer
-    (8 * 64 + 7, 8, dict(gpu_mosaic.LEGACY)),  # empty trailing segments; every segment walked, no reuse
+    (8 * 64 + 7, 8, dict(sg.LEGACY)),  # empty trailing segments; every segment walked, no reuse
 ], ids=["P3", "P4-padded-lean", "P8-empty-legacy"])
 def test_mosaic_segments(T, segments, extra):
     """Prefill form: sequences split into segments (local state walks, the join, then outputs; by
@@ -69,7 +70,7 @@ def test_backward_reuses_the_forward_segment_states(monkeypatch):
         return real(*a, **kw)
     monkeypatch.setattr(gpu_mosaic, "_walk", spy)
     x = make(1, 1, 8 * 64, 64, jnp.bfloat16, seed=2)
-    for extra, want in (({}, [3, 3]), (dict(gpu_mosaic.LEGACY), [4, 4, 4])):
+    for extra, want in (({}, [3, 3]), (dict(sg.LEGACY), [4, 4, 4])):
         walks.clear()
         jax.make_jaxpr(lambda x: value_and_grads(mosaic_fn(segments=4, **extra), x))(x)  # traced, not run
         assert walks == want, (extra, walks)
@@ -132,19 +133,19 @@ def test_join_matches_sequential_segments():
 
 
 def test_pick_segments():
-    assert gpu_mosaic.pick_segments(128, 64) == 1  # B * H * tiles already fills the GPU
-    assert gpu_mosaic.pick_segments(16, 512) == 8
-    assert gpu_mosaic.pick_segments(16, 2048) == 8
-    assert gpu_mosaic.pick_segments(4, 40) == 4  # at least 8 chunks per segment
-    assert gpu_mosaic.pick_segments(4, 20) == 2
-    assert gpu_mosaic.pick_segments(1, 3) == 1
+    assert sg.pick_segments(128, 64) == 1  # B * H * tiles already fills the GPU
+    assert sg.pick_segments(16, 512) == 8
+    assert sg.pick_segments(16, 2048) == 8
+    assert sg.pick_segments(4, 40) == 4  # at least 8 chunks per segment
+    assert sg.pick_segments(4, 20) == 2
+    assert sg.pick_segments(1, 3) == 1
 
 
 def test_plan_segments_fills_waves_of_the_sms():
     """The shipped rule keyed on the SM count: split until the programs fill one wave of the SMs, never
     into a partial second wave, only into divisors of the chunk count unless the padding pays."""
-    kw = {k: gpu_mosaic.STRATEGY[k] for k in ("state_cost", "join_cost", "launch_cost", "min_chunks")}
-    plan = lambda programs, N, slots=132, **o: gpu_mosaic.plan_segments(programs, N, slots=slots, **kw, **o)  # noqa
+    kw = {k: sg.STRATEGY[k] for k in ("state_cost", "join_cost", "launch_cost", "min_chunks")}
+    plan = lambda programs, N, slots=132, **o: sg.plan_segments(programs, N, slots=slots, **kw, **o)  # noqa
     assert plan(16, 2048) == 8 and plan(16, 2048, slots=264) == 16  # one full wave, on 132 or 264 SMs
     assert plan(132, 1024) == 1 and plan(512, 256) == 1  # already a wave or more
     assert plan(48, 1024) == 8  # 384 programs = 3 waves of 128 chunks, not 4 segments = 192 = 2 waves of 256
@@ -152,10 +153,10 @@ def test_plan_segments_fills_waves_of_the_sms():
     P = plan(16, 1025)
     assert P > 1 and 1025 % P == 0  # 1025 = 5 * 5 * 41 chunks: a divisor, no padded copy
     assert plan(16, 257) > 1  # a prime count: padding is worth it with 16 programs on 132 SMs
-    assert gpu_mosaic.segment_cost(16, 2048, 8, slots=132, **{k: kw[k] for k in kw if k != "min_chunks"}) < \
-        gpu_mosaic.segment_cost(16, 2048, 1, slots=132, **{k: kw[k] for k in kw if k != "min_chunks"})
-    assert gpu_mosaic.programs_per_sm(gpu_mosaic.walk_smem_bytes(128, 128, 64, 3)) == 1
-    assert gpu_mosaic.programs_per_sm(gpu_mosaic.walk_smem_bytes(128, 128, 64, 2, lean=True)) == 2
+    assert sg.segment_cost(16, 2048, 8, slots=132, **{k: kw[k] for k in kw if k != "min_chunks"}) < \
+        sg.segment_cost(16, 2048, 1, slots=132, **{k: kw[k] for k in kw if k != "min_chunks"})
+    assert sg.programs_per_sm(sg.walk_smem_bytes(128, 128, 64, 3)) == 1
+    assert sg.programs_per_sm(sg.walk_smem_bytes(128, 128, 64, 2, lean=True)) == 2
 
 
 def test_hopper_gets_the_mosaic_kernel(monkeypatch):
