@@ -333,7 +333,7 @@ def train_rl(run: RunConfig, *, verbose: bool = True) -> RunResult:
                     if "eval/reward_mean" in m else "")
             upd = (f", clip {100 * m['is/clip_fraction']:.1f}%, grad {m['grad_norm']:.2f}, entropy {m['entropy']:.2f}"
                    if "grad_norm" in m else ", no update")
-            session.log.write(
+            say(
                 f"rl step {step + 1}/{session.end}: reward {m['reward/mean']:.3f} (pass {100 * m['reward/pass_rate']:.0f}%)"
                 f"{held}, len {m['response/length_mean']:.1f}, groups {int(m['rollout/kept_groups'])}/"
                 f"{rc.prompts_per_step}{upd}, rollout {m['perf/rollout_tokens_per_s']:.0f} tok/s, update "
@@ -346,8 +346,8 @@ def train_rl(run: RunConfig, *, verbose: bool = True) -> RunResult:
                 if k in first:
                     history[k][0] = first[k]
             session.log.log(0, first, timing=False)
-            session.log.write(f"rl step 0: held-out reward {first['eval/reward_mean']:.3f} (greedy "
-                              f"{first['eval/greedy_reward_mean']:.3f}) on {len(held_out)} prompts")
+            say(f"rl step 0: held-out reward {first['eval/reward_mean']:.3f} (greedy "
+                f"{first['eval/greedy_reward_mean']:.3f}) on {len(held_out)} prompts")
         try:
             status, error, last_saved = run_steps(
                 session, advance=advance, on_metrics=on_metrics, total_steps=tc.steps,
