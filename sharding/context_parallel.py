@@ -13,8 +13,10 @@ Packed documents (``segment_ids``) are handled exactly: the prefix state reaches
 document starts between the chunk boundary and the token, and it crosses a whole chunk only if no
 document starts inside it.
 
-Softmax layers all-gather K and V (and the segment ids) over ``context`` and attend with global
-positions (LASP-2H style). RoPE has already been applied with the tokens' global positions.
+Softmax layers all-gather K and V (and the segment ids) over ``context`` and attend each shard's
+queries at their global positions with the blockwise flash attention of ``pallas_kernels.attention``
+(LASP-2H style; never an ``[L, T]`` score matrix). RoPE has already been applied with the tokens'
+global positions.
 
 Both functions take global arrays (the sequence dimension sharded over ``context``) and run under
 ``jax.shard_map`` on the mesh from ``jax.set_mesh``; with no mesh or ``context = 1`` they call the
@@ -31,6 +33,7 @@ from jax import lax
 from jax.sharding import PartitionSpec as P
 
 import pallas_kernels
+from pallas_kernels import attention as attention_kernels
 from sharding.rules import current_mesh, logical_to_mesh_spec, mesh_axis_size
 
 CONTEXT = "context"
@@ -135,9 +138,22 @@ def lightning_attention(q, k, v, decay, *, initial_state=None, block_size=None, 
 
 
 # ------------------------------------------------------------------------------------- softmax
+def attention_blocks(L: int) -> tuple[int, int]:
+    """Query and key tiles of the blockwise attention of a shard of ``L`` queries: 512 for short shards;
+    2048 from 16K queries on, so a 128K-query shard over 1M keys runs ~32K tile pairs instead of ~500K
+    (XLA's loop has a fixed cost per iteration) while one tile's scores stay ``N * 2048^2 * 4`` bytes per
+    row (256 MiB for 16 heads). Not tuned on hardware yet."""
+    b = 512 if L < 16384 else 2048
+    return b, b
+
+
 def causal_attention(q, k, v, *, segment_ids=None, mesh=None, attention_fn=None):
     """Causal GQA attention ``[B, T, N, D] x [B, T, K, D]`` with T sharded over ``context``: each shard
-    all-gathers K, V (and segment ids) and attends its queries at their global positions.
+    all-gathers K, V (and segment ids) and attends its ``L = T / context`` queries at their global
+    positions ``r L + t`` with the blockwise flash attention of ``pallas_kernels.attention`` (``q_offset``):
+    no shard ever holds more than one ``[block_q, block_k]`` tile of scores per head, so the ``[L, T]``
+    (let alone ``[T, T]``) score matrix is never built, and the backward recomputes the tiles. The
+    all-gather transposes to a reduce-scatter of the K/V gradients.
 
     ``attention_fn(q, k, v, segment_ids)`` is the single-device fallback (no context axis)."""
     mesh = current_mesh() if mesh is None else mesh
@@ -157,23 +173,20 @@ def causal_attention(q, k, v, *, segment_ids=None, mesh=None, attention_fn=None)
     has_seg = segment_ids is not None
     if not has_seg:
         segment_ids = jnp.zeros((B, T), jnp.int32)
+    block_q, block_k = attention_blocks(T // mesh_axis_size(CONTEXT, mesh))
 
     def local(q, k, v, seg):
         L = q.shape[1]
         r = lax.axis_index(CONTEXT)
         k_all = lax.all_gather(k, CONTEXT, axis=1, tiled=True)
         v_all = lax.all_gather(v, CONTEXT, axis=1, tiled=True)
-        q_pos = r * L + jnp.arange(L)
-        kv_pos = jnp.arange(k_all.shape[1])
-        mask = (kv_pos[None, :] <= q_pos[:, None])[None, None]  # [1, 1, L, T]
-        if has_seg:
-            seg_all = lax.all_gather(seg, CONTEXT, axis=1, tiled=True)
-            mask = mask & (seg[:, :, None] == seg_all[:, None, :])[:, None]
-        return jax.nn.dot_product_attention(q, k_all, v_all, mask=mask)
+        seg_all = lax.all_gather(seg, CONTEXT, axis=1, tiled=True)
+        return attention_kernels.flash_attention(q, k_all, v_all, segment_ids=seg, kv_segment_ids=seg_all,
+                                                 q_offset=r * L, causal=True, block_q=block_q, block_k=block_k)
 
     f = jax.shard_map(local, mesh=mesh, in_specs=(q_spec, k_spec, k_spec, P(bax, CONTEXT)),
                       out_specs=q_spec, check_vma=False)
     return f(q, k, v, segment_ids)
 
 
-__all__ = ["causal_attention", "context_parallel_active", "lightning_attention"]
+__all__ = ["attention_blocks", "causal_attention", "context_parallel_active", "lightning_attention"]

@@ -1,7 +1,8 @@
 """The public softmax-attention ops: input checks and backend dispatch.
 
 * :func:`cache_attention`: queries against a preallocated KV cache (chunked prefill and decoding).
-* :func:`flash_attention`: causal self-attention over packed rows (``segment_ids``), differentiable.
+* :func:`flash_attention`: causal self-attention over packed rows (``segment_ids``), differentiable; also
+  queries at an offset inside a longer key sequence (``q_offset``: context-parallel shards).
 
 Backends: ``"xla"`` (blockwise online softmax, every platform), ``"pallas_gpu"`` (Pallas with the
 Triton lowering; ``interpret=True`` runs it on the CPU), ``"auto"`` (Pallas on NVIDIA GPUs where the
@@ -103,26 +104,61 @@ def cache_attention(q, k_cache, v_cache, *, q_start, kv_start, layer=None, sm_sc
                                    block_k=block_k or 512)
 
 
+def _static_zero(x) -> bool:
+    """``x`` is the Python (or concrete) integer 0, not a traced value."""
+    try:
+        return int(x) == 0
+    except (TypeError, jax.errors.ConcretizationTypeError, jax.errors.TracerIntegerConversionError):
+        return False
+
+
 def flash_attention(q, k, v, *, segment_ids=None, causal: bool = True, sm_scale: float | None = None,
-                    backend: str = "auto", interpret: bool = False):
+                    backend: str = "auto", interpret: bool = False, q_offset=0, kv_segment_ids=None,
+                    block_q: int | None = None, block_k: int | None = None):
     """Self-attention of packed rows: ``q [B, T, N, D]``, ``k, v [B, T, K, D]`` (GQA), a token attends to
     the tokens of its own document (``segment_ids [B, T]``; contiguous or not) at or before it.
     Differentiable. ``"auto"``: jax's Triton flash kernel on NVIDIA GPUs for bf16/f16, the XLA blockwise
-    path (custom VJP) elsewhere. Returns ``[B, T, N, D]`` in q's dtype."""
+    path (custom VJP) elsewhere. Returns ``[B, T, N, D]`` in q's dtype.
+
+    Queries inside a longer key sequence (context parallelism over gathered keys): ``k, v [B, S, K, D]``,
+    query ``t`` at key position ``q_offset + t`` (int or traced int32 scalar), ``kv_segment_ids [B, S]``
+    the keys' documents (needed when S != T, and when ``segment_ids`` is given). This form runs the XLA
+    blockwise path (jax's Triton kernel has no query offset); ``block_q`` / ``block_k`` size its tiles
+    (default 512)."""
     _check_backend("flash_attention", backend)
     if q.ndim != 4 or k.ndim != 4 or v.shape != k.shape:
-        raise ValueError(f"flash_attention: q must be [B, T, N, D] and k, v [B, T, K, D]; "
+        raise ValueError(f"flash_attention: q must be [B, T, N, D] and k, v [B, S, K, D]; "
                          f"got q{q.shape} k{k.shape} v{v.shape}")
     B, T, N, D = q.shape
-    if k.shape[:2] != (B, T) or k.shape[3] != D or N % k.shape[2]:
-        raise ValueError(f"flash_attention: k, v must be [B={B}, T={T}, K, D={D}] with K dividing N = {N}; "
+    S = k.shape[1]
+    if k.shape[0] != B or k.shape[3] != D or N % k.shape[2]:
+        raise ValueError(f"flash_attention: k, v must be [B={B}, S, K, D={D}] with K dividing N = {N}; "
                          f"got {k.shape}")
+    offset_form = S != T or kv_segment_ids is not None or not _static_zero(q_offset)
+    if offset_form and segment_ids is not None and kv_segment_ids is None:
+        raise ValueError("flash_attention: segment_ids of the queries with keys at an offset (q_offset / S != T) "
+                         "need kv_segment_ids [B, S] of the keys")
     seg = jnp.zeros((B, T), jnp.int32) if segment_ids is None else jnp.asarray(segment_ids)
     if seg.shape != (B, T):
         raise ValueError(f"flash_attention: segment_ids must be [B, T] = {(B, T)}; got {seg.shape}")
+    kseg = None
+    if offset_form:
+        kseg = jnp.zeros((B, S), jnp.int32) if kv_segment_ids is None else jnp.asarray(kv_segment_ids)
+        if kseg.shape != (B, S):
+            raise ValueError(f"flash_attention: kv_segment_ids must be [B, S] = {(B, S)}; got {kseg.shape}")
+        if jnp.ndim(q_offset) != 0:
+            raise ValueError(f"flash_attention: q_offset must be a scalar; got shape {jnp.shape(q_offset)}")
+    for name, b in (("block_q", block_q), ("block_k", block_k)):
+        if b is not None and (not isinstance(b, int) or b < 1):
+            raise ValueError(f"flash_attention: {name} = {b!r}; expected a positive int")
     scale = 1.0 / math.sqrt(D) if sm_scale is None else float(sm_scale)
     if backend == "auto":
-        backend = "pallas_gpu" if _on_gpu() and jnp.dtype(q.dtype) in _HALF and D <= 256 else "xla"
+        backend = "pallas_gpu" if (_on_gpu() and not offset_form and jnp.dtype(q.dtype) in _HALF and D <= 256) \
+            else "xla"
     if backend == "pallas_gpu":
+        if offset_form:
+            raise ValueError("flash_attention: backend 'pallas_gpu' is self-attention only (S = T, q_offset = 0, "
+                             "no kv_segment_ids); use backend 'xla' or 'auto' for queries at an offset")
         return gpu_triton.flash_attention_triton(q, k, v, seg, sm_scale=scale, causal=causal, interpret=interpret)
-    return xla.flash_attention_xla(q, k, v, seg, sm_scale=scale, causal=causal)
+    return xla.flash_attention_xla(q, k, v, seg, sm_scale=scale, causal=causal, block_q=block_q or 512,
+                                   block_k=block_k or 512, q_offset=q_offset, kv_segment_ids=kseg)

@@ -3,9 +3,12 @@ fallback of every backend. Neither function ever holds a ``T x S`` score matrix:
 
 * :func:`cache_attention_xla`: queries of a prefill chunk (or one decode token) against a KV cache,
   with a per-row visible key range ``[kv_start, q_slot]``. Inference only (no VJP).
-* :func:`flash_attention_xla`: causal self-attention with packed documents (``segment_ids``), with a
-  ``custom_vjp`` that recomputes the scores block by block in the backward (flash-attention style), so
-  training memory stays ``O(T)`` per row and head.
+* :func:`flash_attention_xla`: causal attention with packed documents (``segment_ids``), blocked over
+  queries and keys (a query block visits only the key blocks it can see), with a ``custom_vjp`` that
+  recomputes the scores block by block in the backward (flash-attention style), so training memory
+  stays ``O(T)`` per row and head. Queries may sit at an offset inside a longer key sequence
+  (``q_offset``, ``kv_segment_ids``): the context-parallel softmax layers attend a shard's queries over
+  the all-gathered keys with it.
 
 Softmax statistics are float32; scores use ``preferred_element_type=float32`` with HIGHEST precision
 (exact float32 on every platform, no TF32).
@@ -71,108 +74,173 @@ def cache_attention_xla(q, k_cache, v_cache, layer, q_start, kv_start, *, sm_sca
 
 
 # ------------------------------------------------------------------------------------- packed training
-def _pad_keys(x, seg, BK):
-    T = x.shape[1]
-    pad = -T % BK
-    if pad:
-        x = jnp.pad(x, ((0, 0), (0, pad), (0, 0), (0, 0)))
-        seg = jnp.pad(seg, ((0, 0), (0, pad)), constant_values=PAD_SEGMENT)
-    return x, seg
+# Queries and keys are both cut into blocks: a query block loops only over the key blocks it can see
+# (causal: up to its last position), so the causal triangle costs half and a query block's scores are
+# ``[B, K, G, BQ, BK]`` whatever T is. Queries may sit at an offset inside a longer key sequence
+# (``q_offset``: context parallelism attends a shard's queries over the gathered keys).
+def _pad_rows(x, n, value=0):
+    pad = -x.shape[1] % n
+    if not pad:
+        return x
+    widths = ((0, 0), (0, pad)) + ((0, 0),) * (x.ndim - 2)
+    return jnp.pad(x, widths, constant_values=value)
 
 
-def _blocks(x, BK):
-    """``[B, S, K, D] -> [S/BK, B, BK, K, D]`` (scan over the leading axis)."""
-    B, S = x.shape[:2]
-    return jnp.moveaxis(x.reshape(B, S // BK, BK, *x.shape[2:]), 1, 0)
+def _q_blocks(x, BQ):
+    """``[B, T, ...] -> [T/BQ, B, BQ, ...]`` (T already a multiple of BQ)."""
+    B, T = x.shape[:2]
+    return jnp.moveaxis(x.reshape(B, T // BQ, BQ, *x.shape[2:]), 1, 0)
 
 
-def _block_mask(q_seg, k_seg_blk, j, BK, T, causal):
-    """``[B, T, BK]``: same document, and (causal) key position <= query position."""
-    kpos = j * BK + jnp.arange(BK)
-    vis = q_seg[:, :, None] == k_seg_blk[:, None, :]
+def _q_unblock(x, T):
+    """Inverse of :func:`_q_blocks`, cut back to T rows."""
+    n, B, BQ = x.shape[:3]
+    return jnp.moveaxis(x, 0, 1).reshape(B, n * BQ, *x.shape[3:])[:, :T]
+
+
+def _visible(q_seg, k_seg, q_pos, k_pos, S, causal):
+    """``[B, BQ, BK]``: a real key (position < S) of the query's document, at or before it (causal)."""
+    vis = (q_seg[:, :, None] == k_seg[:, None, :]) & (k_pos < S)[None, None, :]
     if causal:
-        vis = vis & (kpos[None, None, :] <= jnp.arange(T)[None, :, None])
+        vis = vis & (k_pos[None, None, :] <= q_pos[None, :, None])
     return vis
 
 
-def _flash_fwd(q, k, v, seg, sm_scale, causal, BK):
+def _key_blocks_seen(i, q_offset, BQ, BK, nk, causal):
+    """Key blocks ``[0, hi)`` that query block ``i`` can see."""
+    if not causal:
+        return nk
+    return jnp.clip((q_offset + (i + 1) * BQ - 1) // BK + 1, 0, nk)
+
+
+def _mm_dtype(x):
+    """Operand dtype of the probability / score-gradient products: half inputs keep half operands
+    (float32 accumulation, as flash kernels do); float32 inputs stay float32."""
+    return x.dtype if jnp.dtype(x.dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)) else F32
+
+
+def _flash_fwd(q, k, v, qseg, kseg, q_offset, sm_scale, causal, BQ, BK):
     B, T, N, D = q.shape
-    K = k.shape[2]
+    S, K = k.shape[1], k.shape[2]
     G = N // K
-    kp, kseg = _pad_keys(k, seg, BK)
-    vp, _ = _pad_keys(v, seg, BK)
-    qg = q.reshape(B, T, K, G, D)
-    xs = (_blocks(kp, BK), _blocks(vp, BK), jnp.moveaxis(kseg.reshape(B, -1, BK), 1, 0),
-          jnp.arange(kp.shape[1] // BK))
+    kp, vp, ksp = _pad_rows(k, BK), _pad_rows(v, BK), _pad_rows(kseg, BK, PAD_SEGMENT)
+    nk = kp.shape[1] // BK
+    qb = _q_blocks(_pad_rows(q, BQ).reshape(B, -1, K, G, D), BQ)  # [nq, B, BQ, K, G, D]
+    sb = _q_blocks(_pad_rows(qseg, BQ), BQ)  # [nq, B, BQ]
+    mdt = _mm_dtype(v)
 
-    def body(carry, x):
-        m, l, acc = carry
-        kb, vb, sb, j = x
-        vis = _block_mask(seg, sb, j, BK, T, causal)[:, None, None]  # [B, 1, 1, T, BK]
-        s = jnp.where(vis, _einsum("btkgd,bskd->bkgts", qg, kb) * sm_scale, MASK_VALUE)
-        m_new = jnp.maximum(m, jnp.max(s, axis=-1))
-        corr = jnp.exp(m - m_new)
-        p = jnp.where(vis, jnp.exp(s - m_new[..., None]), 0.0)
-        l = l * corr + jnp.sum(p, axis=-1)
-        acc = acc * corr[..., None] + _einsum("bkgts,bskd->bkgtd", p, vb.astype(F32))
-        return (m_new, l, acc), None
+    def q_block(args):
+        qi, si, i = args
+        q_pos = q_offset + i * BQ + jnp.arange(BQ)
 
-    init = (jnp.full((B, K, G, T), MASK_VALUE, F32), jnp.zeros((B, K, G, T), F32), jnp.zeros((B, K, G, T, D), F32))
-    (m, l, acc), _ = lax.scan(body, init, xs)
-    safe_l = jnp.where(l > 0, l, 1.0)
-    o = jnp.where(l[..., None] > 0, acc / safe_l[..., None], 0.0)  # [B, K, G, T, D]
-    lse = jnp.where(l > 0, m + jnp.log(safe_l), jnp.inf)  # inf: p = exp(s - lse) = 0 in the backward
-    out = jnp.transpose(o, (0, 3, 1, 2, 4)).reshape(B, T, N, D).astype(q.dtype)
-    return out, lse
+        def body(j, carry):
+            m, l, acc = carry
+            kb = lax.dynamic_slice_in_dim(kp, j * BK, BK, axis=1)
+            vb = lax.dynamic_slice_in_dim(vp, j * BK, BK, axis=1)
+            kseg_b = lax.dynamic_slice_in_dim(ksp, j * BK, BK, axis=1)
+            vis = _visible(si, kseg_b, q_pos, j * BK + jnp.arange(BK), S, causal)[:, None, None]
+            s = jnp.where(vis, _einsum("btkgd,bskd->bkgts", qi, kb) * sm_scale, MASK_VALUE)
+            m_new = jnp.maximum(m, jnp.max(s, axis=-1))
+            corr = jnp.exp(m - m_new)
+            p = jnp.where(vis, jnp.exp(s - m_new[..., None]), 0.0)
+            l = l * corr + jnp.sum(p, axis=-1)
+            acc = acc * corr[..., None] + _einsum("bkgts,bskd->bkgtd", p.astype(mdt), vb.astype(mdt))
+            return m_new, l, acc
+
+        init = (jnp.full((B, K, G, BQ), MASK_VALUE, F32), jnp.zeros((B, K, G, BQ), F32),
+                jnp.zeros((B, K, G, BQ, D), F32))
+        m, l, acc = lax.fori_loop(0, _key_blocks_seen(i, q_offset, BQ, BK, nk, causal), body, init)
+        safe_l = jnp.where(l > 0, l, 1.0)
+        o = jnp.where(l[..., None] > 0, acc / safe_l[..., None], 0.0)  # [B, K, G, BQ, D]
+        lse = jnp.where(l > 0, m + jnp.log(safe_l), jnp.inf)  # inf: p = exp(s - lse) = 0 in the backward
+        return jnp.transpose(o, (0, 3, 1, 2, 4)), jnp.transpose(lse, (0, 3, 1, 2))  # [B, BQ, K, G, (D)]
+
+    o, lse = lax.map(q_block, (qb, sb, jnp.arange(qb.shape[0])))
+    out = _q_unblock(o, T).reshape(B, T, N, D).astype(q.dtype)
+    return out, _q_unblock(lse, T)  # lse [B, T, K, G]
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
-def _flash(q, k, v, seg, sm_scale, causal, BK):
-    return _flash_fwd(q, k, v, seg, sm_scale, causal, BK)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8, 9))
+def _flash(q, k, v, qseg, kseg, q_offset, sm_scale, causal, BQ, BK):
+    return _flash_fwd(q, k, v, qseg, kseg, q_offset, sm_scale, causal, BQ, BK)[0]
 
 
-def _flash_vjp_fwd(q, k, v, seg, sm_scale, causal, BK):
-    out, lse = _flash_fwd(q, k, v, seg, sm_scale, causal, BK)
-    return out, (q, k, v, seg, out, lse)
+def _flash_vjp_fwd(q, k, v, qseg, kseg, q_offset, sm_scale, causal, BQ, BK):
+    out, lse = _flash_fwd(q, k, v, qseg, kseg, q_offset, sm_scale, causal, BQ, BK)
+    return out, (q, k, v, qseg, kseg, q_offset, out, lse)
 
 
-def _flash_vjp_bwd(sm_scale, causal, BK, res, do):
-    q, k, v, seg, out, lse = res
+def _flash_vjp_bwd(sm_scale, causal, BQ, BK, res, do):
+    q, k, v, qseg, kseg, q_offset, out, lse = res
     B, T, N, D = q.shape
-    S0, K = k.shape[1], k.shape[2]
+    S, K = k.shape[1], k.shape[2]
     G = N // K
-    kp, kseg = _pad_keys(k, seg, BK)
-    vp, _ = _pad_keys(v, seg, BK)
-    qg = q.reshape(B, T, K, G, D)
-    dog = do.reshape(B, T, K, G, D)
-    delta = jnp.sum(dog.astype(F32) * out.reshape(B, T, K, G, D).astype(F32), axis=-1)  # [B, T, K, G]
-    delta = jnp.transpose(delta, (0, 2, 3, 1))  # [B, K, G, T]
-    xs = (_blocks(kp, BK), _blocks(vp, BK), jnp.moveaxis(kseg.reshape(B, -1, BK), 1, 0),
-          jnp.arange(kp.shape[1] // BK))
+    kp, vp, ksp = _pad_rows(k, BK), _pad_rows(v, BK), _pad_rows(kseg, BK, PAD_SEGMENT)
+    nk = kp.shape[1] // BK
+    grp = lambda x: _q_blocks(_pad_rows(x, BQ).reshape(B, -1, K, G, D), BQ)  # noqa: E731
+    qb, dob = grp(q), grp(do)
+    delta = jnp.sum(do.astype(F32).reshape(B, T, K, G, D) * out.astype(F32).reshape(B, T, K, G, D), axis=-1)
+    # padded query rows: lse = inf, so their probabilities (and every gradient they add) are zero
+    lseb = _q_blocks(_pad_rows(lse, BQ, jnp.inf), BQ)  # [nq, B, BQ, K, G]
+    deltab = _q_blocks(_pad_rows(delta, BQ), BQ)
+    sb = _q_blocks(_pad_rows(qseg, BQ), BQ)
+    nq = qb.shape[0]
+    mdt = _mm_dtype(v)
 
-    def body(dq, x):
-        kb, vb, sb, j = x
-        vis = _block_mask(seg, sb, j, BK, T, causal)[:, None, None]
-        s = _einsum("btkgd,bskd->bkgts", qg, kb) * sm_scale
-        p = jnp.where(vis, jnp.exp(s - lse[..., None]), 0.0)  # [B, K, G, T, BK]
-        dv = _einsum("bkgts,btkgd->bskd", p, dog.astype(F32))
-        dp = _einsum("btkgd,bskd->bkgts", dog, vb)
-        ds = p * (dp - delta[..., None]) * sm_scale
-        dq = dq + _einsum("bkgts,bskd->btkgd", ds, kb.astype(F32))
-        dk = _einsum("bkgts,btkgd->bskd", ds, qg.astype(F32))
-        return dq, (dk, dv)
+    def q_step(i, carry):
+        dq, dk, dv = carry
+        qi, doi, si = qb[i], dob[i], sb[i]
+        lse_i = jnp.transpose(lseb[i], (0, 2, 3, 1))  # [B, K, G, BQ]
+        delta_i = jnp.transpose(deltab[i], (0, 2, 3, 1))
+        q_pos = q_offset + i * BQ + jnp.arange(BQ)
 
-    dq, (dk, dv) = lax.scan(body, jnp.zeros((B, T, K, G, D), F32), xs)
-    unblock = lambda x: jnp.moveaxis(x, 0, 1).reshape(B, -1, K, D)[:, :S0]  # noqa: E731
-    return (dq.reshape(B, T, N, D).astype(q.dtype), unblock(dk).astype(k.dtype), unblock(dv).astype(v.dtype), None)
+        def k_step(j, c):
+            dqi, dk, dv = c
+            kb = lax.dynamic_slice_in_dim(kp, j * BK, BK, axis=1)
+            vb = lax.dynamic_slice_in_dim(vp, j * BK, BK, axis=1)
+            kseg_b = lax.dynamic_slice_in_dim(ksp, j * BK, BK, axis=1)
+            vis = _visible(si, kseg_b, q_pos, j * BK + jnp.arange(BK), S, causal)[:, None, None]
+            s = _einsum("btkgd,bskd->bkgts", qi, kb) * sm_scale
+            p = jnp.where(vis, jnp.exp(s - lse_i[..., None]), 0.0)  # [B, K, G, BQ, BK]
+            dv_j = _einsum("bkgts,btkgd->bskd", p.astype(mdt), doi.astype(mdt))
+            dp = _einsum("btkgd,bskd->bkgts", doi, vb)
+            ds = (p * (dp - delta_i[..., None]) * sm_scale).astype(mdt)
+            dqi = dqi + _einsum("bkgts,bskd->btkgd", ds, kb.astype(mdt))
+            dk_j = _einsum("bkgts,btkgd->bskd", ds, qi.astype(mdt))
+            add = lambda acc, x: lax.dynamic_update_slice_in_dim(  # noqa: E731
+                acc, lax.dynamic_slice_in_dim(acc, j * BK, BK, axis=1) + x, j * BK, axis=1)
+            return dqi, add(dk, dk_j), add(dv, dv_j)
+
+        hi = _key_blocks_seen(i, q_offset, BQ, BK, nk, causal)
+        dqi, dk, dv = lax.fori_loop(0, hi, k_step, (jnp.zeros((B, BQ, K, G, D), F32), dk, dv))
+        return lax.dynamic_update_index_in_dim(dq, dqi, i, 0), dk, dv
+
+    zeros_kv = jnp.zeros((B, nk * BK, K, D), F32)
+    dq, dk, dv = lax.fori_loop(0, nq, q_step, (jnp.zeros((nq, B, BQ, K, G, D), F32), zeros_kv, zeros_kv))
+    dq = _q_unblock(dq, T).reshape(B, T, N, D)
+    return (dq.astype(q.dtype), dk[:, :S].astype(k.dtype), dv[:, :S].astype(v.dtype), None, None, None)
 
 
 _flash.defvjp(_flash_vjp_fwd, _flash_vjp_bwd)
 
 
-def flash_attention_xla(q, k, v, segment_ids, *, sm_scale: float, causal: bool = True, block_k: int = 512):
-    """Self-attention ``q [B, T, N, D]``, ``k, v [B, T, K, D]`` (GQA: q head n reads kv head n // (N/K))
-    within documents (``segment_ids [B, T]``), causal by default; differentiable (custom VJP)."""
-    T = q.shape[1]
-    BK = min(block_k, max(T, 1))
-    return _flash(q, k, v, segment_ids.astype(jnp.int32), float(sm_scale), bool(causal), int(BK))
+def flash_attention_xla(q, k, v, segment_ids, *, sm_scale: float, causal: bool = True, block_k: int = 512,
+                        block_q: int = 512, q_offset=0, kv_segment_ids=None):
+    """Attention of ``q [B, T, N, D]`` over ``k, v [B, S, K, D]`` (GQA: q head n reads kv head n // (N/K))
+    within documents (``segment_ids [B, T]`` of the queries, ``kv_segment_ids [B, S]`` of the keys; the
+    same array when S = T and it is omitted), causal by default; differentiable (custom VJP).
+
+    Query ``t`` sits at position ``q_offset + t`` (an int or a traced int32 scalar) and key ``s`` at
+    position ``s``, so a causal query sees the keys ``s <= q_offset + t``: ``q_offset = 0`` with S = T is
+    plain self-attention, a context shard passes its first global position and the gathered keys.
+    A query that sees no key returns zeros. Never holds more than ``[B, K, G, block_q, block_k]`` scores."""
+    T, S = q.shape[1], k.shape[1]
+    if kv_segment_ids is None:
+        if S != T:
+            raise ValueError(f"flash_attention_xla: {S} keys for {T} queries need kv_segment_ids [B, {S}]")
+        kv_segment_ids = segment_ids
+    BQ = max(1, min(int(block_q), T))
+    BK = max(1, min(int(block_k), S))
+    q_offset = jnp.asarray(q_offset, jnp.int32)
+    return _flash(q, k, v, segment_ids.astype(jnp.int32), kv_segment_ids.astype(jnp.int32), q_offset,
+                  float(sm_scale), bool(causal), int(BQ), int(BK))

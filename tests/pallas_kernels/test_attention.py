@@ -148,3 +148,84 @@ def test_packed_flash_small_key_blocks_match_dense_mask():
     g = jax.jit(jax.grad(lambda k: jnp.sum(f(q, k, v) * w)))(k)
     r = jax.grad(lambda k: jnp.sum(dense_packed_reference(q, k, v, seg) * w))(k)
     np.testing.assert_allclose(np.asarray(g), np.asarray(r), rtol=5e-5, atol=5e-5)
+
+
+# ------------------------------------------------------------------------------------- queries at an offset
+def offset_reference(q, k, v, qseg, kseg, q_offset, causal):
+    """float64 loop: query t (position q_offset + t) sees key s iff same document and (causal) s <= q_offset + t."""
+    q, k, v = (np.asarray(x, np.float64) for x in (q, k, v))
+    B, T, N, D = q.shape
+    S, K = k.shape[1], k.shape[2]
+    out = np.zeros((B, T, N, D))
+    for b in range(B):
+        for t in range(T):
+            vis = kseg[b] == qseg[b, t]
+            if causal:
+                vis = vis & (np.arange(S) <= q_offset + t)
+            if not vis.any():
+                continue
+            for n in range(N):
+                h = n // (N // K)
+                s = k[b, :, h][vis] @ q[b, t, n] / math.sqrt(D)
+                p = np.exp(s - s.max())
+                out[b, t, n] = (p / p.sum()) @ v[b, :, h][vis]
+    return out
+
+
+def dense_offset_reference(q, k, v, qseg, kseg, q_offset, causal):
+    N, K = q.shape[2], k.shape[2]
+    k, v = jnp.repeat(k, N // K, axis=2), jnp.repeat(v, N // K, axis=2)
+    T, S = q.shape[1], k.shape[1]
+    mask = qseg[:, :, None] == kseg[:, None, :]
+    if causal:
+        mask = mask & (jnp.arange(S)[None, None, :] <= q_offset + jnp.arange(T)[None, :, None])
+    s = jnp.einsum("btnd,bsnd->bnts", q, k, precision="highest") / math.sqrt(q.shape[-1])
+    s = jnp.where(mask[:, None], s, -1e30)
+    p = jnp.where(mask[:, None], jax.nn.softmax(s, axis=-1), 0.0)
+    return jnp.einsum("bnts,bsnd->btnd", p, v, precision="highest")
+
+
+def test_flash_attention_at_an_offset_matches_float64():
+    """A context shard's queries over the gathered keys: T = 21 queries at positions 40..60 of S = 75 keys,
+    documents crossing the shard edge, tiles that divide neither length, q_offset traced under jit; causal
+    with gradients, and the non-causal values."""
+    rng = np.random.default_rng(13)
+    B, T, S, N, K, D, off = 2, 21, 75, 4, 2, 8, 40
+    q = rng.standard_normal((B, T, N, D)).astype(np.float32)
+    k, v = (rng.standard_normal((B, S, K, D)).astype(np.float32) for _ in range(2))
+    kseg = np.zeros((B, S), np.int32)
+    kseg[0, 30:] = 1
+    kseg[0, 52:] = 2  # a document starting inside the shard
+    kseg[1, 10:] = 5  # one document over the whole shard and before it
+    qseg = kseg[:, off:off + T].copy()
+    qseg[1, -3:] = 9  # queries of a document that has no key: zeros, zero gradients
+    w = rng.standard_normal((B, T, N, D)).astype(np.float32)
+
+    def f(q, k, v, o, causal=True):
+        return flash_attention(q, k, v, segment_ids=qseg, kv_segment_ids=kseg, q_offset=o, causal=causal,
+                               block_q=8, block_k=16)
+
+    for causal in (True, False):
+        got = jax.jit(f, static_argnums=4)(q, k, v, jnp.int32(off), causal)
+        np.testing.assert_allclose(np.asarray(got), offset_reference(q, k, v, qseg, kseg, off, causal), rtol=2e-5,
+                                   atol=2e-5)
+    loss = lambda fn: lambda q, k, v: jnp.sum(fn(q, k, v) * w)  # noqa: E731
+    g = jax.jit(jax.grad(loss(lambda q, k, v: f(q, k, v, jnp.int32(off))), argnums=(0, 1, 2)))(q, k, v)
+    r = jax.jit(jax.grad(loss(lambda q, k, v: dense_offset_reference(q, k, v, qseg, kseg, off, True)),
+                         argnums=(0, 1, 2)))(q, k, v)
+    for a, b in zip(g, r):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=5e-5, atol=5e-5)
+    assert np.all(np.asarray(g[0])[1, -3:] == 0)
+
+
+def test_flash_attention_offset_form_rejects_bad_inputs():
+    q, k = jnp.ones((1, 4, 2, 16)), jnp.ones((1, 12, 2, 16))
+    seg = jnp.zeros((1, 4), jnp.int32)
+    with pytest.raises(ValueError, match="need kv_segment_ids"):
+        flash_attention(q, k, k, segment_ids=seg, q_offset=8)
+    with pytest.raises(ValueError, match=r"kv_segment_ids must be \[B, S\] = \(1, 12\)"):
+        flash_attention(q, k, k, segment_ids=seg, kv_segment_ids=jnp.zeros((1, 4), jnp.int32), q_offset=8)
+    with pytest.raises(ValueError, match="'pallas_gpu' is self-attention only"):
+        flash_attention(q, k, k, q_offset=8, backend="pallas_gpu", interpret=True)
+    with pytest.raises(ValueError, match="block_q = 0"):
+        flash_attention(q, k, k, q_offset=8, block_q=0)
