@@ -55,6 +55,10 @@ class TrainConfig:
     ``must`` (fail without one), ``never`` (fail if one exists).
     ``head_dtype``: operand dtype of the LM-head matmul in the loss (accumulation is always float32).
     ``use_segment_ids``: pass the packing segment ids to the model (document-separated attention).
+    ``microbatches``: gradient accumulation: each step's batch (``DataConfig.batch_size`` rows) in that many
+    microbatches, one optimizer update per step (the activation memory of one microbatch).
+    ``cast_params``: ``None`` (every layer casts its float32 weights at use) or ``'bfloat16'`` (the parameter
+    tree cast once per step; the LM head stays float32 when ``head_dtype`` is float32).
     ``fault_steps``: steps (RL: optimizer updates) whose loss and gradients are NaN (tests of the non-finite
     handling).
     """
@@ -81,6 +85,8 @@ class TrainConfig:
     progress_bar: bool = True
     tensorboard: bool = True
     peak_tflops: float | None = None
+    microbatches: int = 1
+    cast_params: str | None = None
     fault_steps: tuple = ()
 
     def validate(self) -> None:
@@ -100,6 +106,8 @@ class TrainConfig:
         need(isinstance(self.model_overrides, dict), "model_overrides", "a dict of ModelConfig fields")
         need(self.peak_tflops is None or self.peak_tflops > 0, "peak_tflops", "None or a positive number")
         need(isinstance(self.run_dir, str) and self.run_dir, "run_dir", "a folder path")
+        need(isinstance(self.microbatches, int) and self.microbatches > 0, "microbatches", "a positive integer")
+        need(self.cast_params in (None, "bfloat16", "float32"), "cast_params", "None, 'bfloat16' or 'float32'")
 
     def model_config(self) -> ModelConfig:
         fields = {f.name for f in dataclasses.fields(ModelConfig)}
@@ -248,6 +256,12 @@ def load_config(files: Sequence[str] = (), bindings: Sequence[str] = (), resume:
                                  f"{list(files)}: set it with --gin.{type(obj).__name__}.{f.name}=...")
     train.validate()
     data.validate(process_count)
+    require(train.mode != "rl" or (train.microbatches == 1 and train.cast_params is None), train,
+            "microbatches" if train.microbatches != 1 else "cast_params",
+            "its default in RL mode (the RL update splits its rows by RLConfig.minibatches)")
+    require(train.mode == "rl" or data.batch_size % (train.microbatches * process_count) == 0, train,
+            "microbatches", f"a divisor of DataConfig.batch_size = {data.batch_size} that leaves every process "
+            f"({process_count}) whole rows in each microbatch")
     if train.mode == "rl":
         rl.validate()
         opt.validate(rl.updates(train.steps))

@@ -71,7 +71,8 @@ def train(run: RunConfig, *, verbose: bool = True, source=None) -> RunResult:
     train_step = step_lib.make_train_step(
         graphdef, tx, schedule, aux_loss_coef=model_cfg.router_aux_loss_coef,
         z_loss_coef=run.optimizer.z_loss_coef, loss_chunk_size=tc.loss_chunk_size, head_dtype=tc.head_dtype,
-        use_segment_ids=tc.use_segment_ids, fault_steps=tc.fault_steps)
+        use_segment_ids=tc.use_segment_ids, fault_steps=tc.fault_steps, microbatches=tc.microbatches,
+        cast_params=tc.cast_params)
     step_fn = step_lib.jit_train_step(train_step, shardings, mesh)
     batch_sh = sharding.batch_sharding(mesh, 2)
     session.log = MetricsLogger(tc.run_dir, total_steps=session.end, start_step=session.start,

@@ -90,5 +90,5 @@ def test_sharded_import_and_restore_onto_another_mesh(tiny_hf, training_run, tmp
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
     out = subprocess.run([sys.executable, "-c", SCRIPT, tiny_hf[1], os.path.dirname(__file__), str(tmp_path),
                           training_run],
-                         capture_output=True, text=True, env=env, timeout=600)
+                         capture_output=True, text=True, env=env, timeout=1800)
     assert out.returncode == 0 and "MESH OK" in out.stdout, out.stderr[-4000:]

@@ -142,7 +142,7 @@ def test_rl_on_a_mesh_matches_one_device(full_run, reward_module):
                PYTHONPATH=os.pathsep.join([str(reward_module), os.environ.get("PYTHONPATH", "")]))
     out = subprocess.run([sys.executable, "-c", MESH_SCRIPT, json.dumps(bindings), str(tmp / "mesh")],
                          cwd=os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), env=env,
-                         capture_output=True, text=True, timeout=900)
+                         capture_output=True, text=True, timeout=1800)
     assert out.returncode == 0 and "DONE completed" in out.stdout, out.stdout[-2000:] + out.stderr[-4000:]
     a, b = _metrics(tmp / "full"), _metrics(tmp / "mesh")
     assert [l["step"] for l in a] == [l["step"] for l in b] == [0, 1, 2, 3]

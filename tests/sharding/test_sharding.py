@@ -25,7 +25,7 @@ HERE = Path(__file__).parent
 ROOT = HERE.parent.parent
 
 
-def _run(script: str, args: list[str], devices: int, timeout: int = 600, env_extra=None) -> list[dict]:
+def _run(script: str, args: list[str], devices: int, timeout: int = 1800, env_extra=None) -> list[dict]:
     env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
                PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     env.update(env_extra or {})
@@ -208,7 +208,7 @@ def test_two_process_training_matches_single_process(tmp_path):
              for i in range(2)]
     try:
         for p in [ref, *procs]:
-            _, err = p.communicate(timeout=600)
+            _, err = p.communicate(timeout=1800)
             assert p.returncode == 0, err[-4000:]
     finally:
         for p in [ref, *procs]:

@@ -57,6 +57,10 @@ def test_parse_args_shorthand_and_files():
     ("TrainConfig.model_overrides = {'hiden_size': 8}", "unknown ModelConfig fields \\['hiden_size'\\]"),
     ("TrainConfig.model_overrides = {'num_experts_per_tok': 9}", "num_experts_per_tok"),
     ("TrainConfig.model = 'huge'", "unknown preset 'huge'"),
+    ("TrainConfig.microbatches = 3", r"TrainConfig.microbatches = 3 is invalid: expected a divisor of "
+                                     r"DataConfig.batch_size = 16"),
+    ("TrainConfig.microbatches = 0", "TrainConfig.microbatches = 0 is invalid"),
+    ("TrainConfig.cast_params = 'int8'", "TrainConfig.cast_params = 'int8' is invalid"),
 ])
 def test_bad_bindings_fail_clearly(binding, match):
     with pytest.raises((UsageError, ConfigError, ValueError), match=match):
@@ -67,7 +71,7 @@ def test_train_py_bad_config_exits_before_compute(tmp_path):
     env = dict(os.environ, JAX_PLATFORMS="cpu")
     out = subprocess.run([sys.executable, "train.py", "--gin.TrainConfig.stpes=3",
                           f"--gin.TrainConfig.run_dir={tmp_path}/r"], cwd=ROOT, env=env, capture_output=True,
-                         text=True, timeout=120)
+                         text=True, timeout=1200)
     assert out.returncode == 2, out.stderr
     assert "doesn't have a parameter named 'stpes'" in out.stderr
     assert not os.path.exists(tmp_path / "r")  # nothing was started
