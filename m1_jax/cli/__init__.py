@@ -13,7 +13,7 @@ SUBCOMMANDS = {
     "convert": ("m1_jax.convert.cli", "checkpoint conversion: hf-to-orbax, orbax-to-hf (see docs/conversion.md)"),
     "flops": ("m1_jax.flops", "analytic FLOPs table and the paper's figure (see docs/flops.md)"),
     "generate": ("m1_jax.cli.generate", "continue prompts with a checkpoint (cached decoding, sampling)"),
-    "train": ("m1_jax.train", "pretraining from gin configs (same as python train.py; see docs/training.md)"),
+    "train": ("m1_jax.train", "pretraining and RL fine-tuning from gin configs (= python train.py; docs/training.md)"),
 }
 # Commands that may run on many hosts start jax.distributed first, as train.py does (a no-op on one machine).
 DISTRIBUTED = ("train",)

@@ -134,6 +134,7 @@ class RunConfig:
 # ----------------------------------------------------------------------------------------------- CLI
 USAGE = """usage: python train.py [--gin_file=FILE ...] [--gin_bindings='Class.field = value' ...]
                          [--gin.Class.field=value ...] [--resume | --no_resume]
+   or: m1-jax train (the same arguments)
 
 With no arguments: the tiny preset on the bundled Shakespeare corpus, on the CPU (configs/tiny.gin
 restates these defaults). Configurable: TrainConfig, DataConfig, OptimizerConfig, MeshConfig, RLConfig.
