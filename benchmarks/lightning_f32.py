@@ -120,7 +120,7 @@ def main():
     p.add_argument("--speed", action="store_true", help="also time at SPEED_SHAPES when it compiles fast")
     args = p.parse_args()
     import jax
-    import lightning_sweep_worker as sw
+    import lightning_bench as sw
     cfg = CONFIGS[args.config]
     out = open(args.out, "a")
 

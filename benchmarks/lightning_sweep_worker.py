@@ -3,8 +3,6 @@ tasks, compiling freely and taking a file lock for every timing, and writes one 
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import json
 import math
 import os
@@ -18,36 +16,7 @@ sys.path.insert(0, HERE)
 from lightning_sweep import INTERPRET, shape_bytes, task_cost  # noqa: E402
 
 
-@contextlib.contextmanager
-def gpu_lock(path):
-    """Only one process times at a time (compiles run in parallel outside the lock)."""
-    if not path:
-        yield
-        return
-    with open(path, "a+") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
-
-
-def time_call(fn, args, *, target_s=0.03, repeats=5):
-    """Median over ``repeats`` of back-to-back loops of about ``target_s`` (ms per call); ``fn`` is
-    already compiled and warm."""
-    import jax
-    t0 = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    one = time.perf_counter() - t0
-    n = int(max(2, min(500, target_s / max(one, 1e-6))))
-    res = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        for _ in range(n):
-            out = fn(*args)
-        jax.block_until_ready(out)
-        res.append((time.perf_counter() - t0) / n * 1e3)
-    return float(np.median(res)), [float(r) for r in res]
+from lightning_bench import gpu_lock, time_call  # noqa: E402,F401  (shared with lightning_f32.py)
 
 
 def replicas_for(nbytes, cap=16, fill=384 * 2 ** 20):
@@ -63,7 +32,7 @@ def _inputs(B, H, T, D, seed, *, dtype_name="bfloat16", h0=True):
     import jax
     import jax.numpy as jnp
     sys.path.insert(0, HERE)
-    import lightning_attention as la
+    import lightning_bench as la
     dt = getattr(jnp, dtype_name)
     ks = jax.random.split(jax.random.PRNGKey(seed), 6)
     n = lambda key, shape, s=1.0: (s * jax.random.normal(key, shape, jnp.float32))  # noqa: E731
@@ -127,7 +96,7 @@ def run_fla(task, lock):
     import torch
     from fla.ops.simple_gla import chunk_simple_gla
     sys.path.insert(0, HERE)
-    import lightning_attention as la
+    import lightning_bench as la
     B, H, T, D = task["shape"]
     state = task["setting"] == "state"
     x = _inputs(B, H, T, D, seed=0, h0=state)
@@ -189,7 +158,7 @@ def run_check(task, lock):
     import jax.numpy as jnp
     from pallas_kernels.lightning import reference
     sys.path.insert(0, HERE)
-    import lightning_attention as la
+    import lightning_bench as la
     B, H, T, D = task["shape"]
     x = _inputs(B, H, T, D, seed=7)
     x["decay"] = jnp.asarray(np.geomspace(0.9, 1e-5, H).astype(np.float32))
@@ -211,7 +180,7 @@ def run_check(task, lock):
 
 def run_packed(task, lock):
     sys.path.insert(0, HERE)
-    import lightning_attention as la
+    import lightning_bench as la
     return dict(ok=bool(la.check_mosaic_prefill_and_packed()))
 
 
