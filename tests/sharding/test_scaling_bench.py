@@ -14,6 +14,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent.parent
 TINY = ["num_hidden_layers=2", "layer_types=('linear_attention','full_attention')", "block_size=16"]
 # cheaper XLA:CPU compiles (the programs are compiled once and run for a step or two)
@@ -29,6 +31,7 @@ def _run(args: list[str], timeout: int = 900, devices_flags: str = FLAGS) -> tup
     return r.returncode, rows, r.stdout + r.stderr[-4000:]
 
 
+@pytest.mark.slow
 def test_scaling_bench_runs_every_mesh_with_matching_losses(tmp_path):
     configs = ["1:fsdp=1", "2:expert=2", "4:fsdp=2,expert=2", "2:context=2"]
     out = tmp_path / "rows.jsonl"
@@ -59,6 +62,7 @@ def test_scaling_bench_runs_every_mesh_with_matching_losses(tmp_path):
     assert "| devices | mesh |" in log and "eff. vs 1" in log and "1.00" in log
 
 
+@pytest.mark.slow
 def test_cp_long_check_passes_and_needs_two_devices():
     rc, rows, log = _run(["scripts/cp_long_check.py", "--preset", "tiny", "--set", *TINY, "--seq", "256",
                           "--mesh", "context=4", "--ref-mesh", "context=1", "--documents", "3"])
