@@ -30,7 +30,8 @@ def mosaic_fn(**tuning):
     return f
 
 
-@pytest.mark.parametrize("T,random_states", [(1, True), (63, False), (64, True), (3 * 64 + 5, True)])
+@pytest.mark.parametrize("T,random_states", [(1, True), pytest.param(63, False, marks=pytest.mark.full),
+                                              pytest.param(64, True, marks=pytest.mark.full), (3 * 64 + 5, True)])
 def test_mosaic_float32_forward_and_grads(T, random_states):
     x = make(1, 2, T, 64, jnp.float32, seed=T, h0=random_states, dht=random_states, Dv=128)
     assert gpu_mosaic.supported(x["q"], x["v"], 64, interpret=True)
@@ -45,7 +46,7 @@ def test_mosaic_bf16():
 
 @pytest.mark.parametrize("T,segments,extra", [
     (9 * 64 + 7, 3, {}),  # a count that is no power of two (the strategy picks any divisor)
-    (9 * 64 + 7, 4, {"lean": True}),  # padded chunks; one output slot, scoped state buffer
+    pytest.param(9 * 64 + 7, 4, {"lean": True}, marks=pytest.mark.full),  # padded chunks; one output slot, scoped state
     (8 * 64 + 7, 8, dict(sg.LEGACY)),  # empty trailing segments; every segment walked, no reuse
 ], ids=["P3", "P4-padded-lean", "P8-empty-legacy"])
 def test_mosaic_segments(T, segments, extra):
@@ -191,7 +192,7 @@ def _segment_ids(T, starts_per_row):
 @pytest.mark.parametrize("T,segments,starts", [
     (3 * 64 + 5, 1, ([5, 6, 64, 100, 130], [63, 64, 65])),  # one-token documents, starts at chunk edges
     (9 * 64 + 7, 2, ([128, 259, 260, 320, 321, 500],)),  # a start at a segment's first row (320)
-    (9 * 64 + 7, 4, ([1, 192, 447], [])),  # 9 chunks in 4 segments: padded chunks; a row of one document
+    pytest.param(9 * 64 + 7, 4, ([1, 192, 447], []), marks=pytest.mark.full),  # 9 chunks in 4 segments: padded
     (8 * 64 + 7, 8, ([10, 129, 300],)),  # 9 chunks in 8 segments: empty trailing segments
 ])
 def test_mosaic_packed_documents(T, segments, starts):
