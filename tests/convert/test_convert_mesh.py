@@ -87,7 +87,8 @@ SCRIPT = textwrap.dedent(r"""
 
 
 def test_sharded_import_and_restore_onto_another_mesh(tiny_hf, training_run, tmp_path):
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
+    env = {**os.environ, "JAX_PLATFORMS": "cpu",
+           "XLA_FLAGS": os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"}
     out = subprocess.run([sys.executable, "-c", SCRIPT, tiny_hf[1], os.path.dirname(__file__), str(tmp_path),
                           training_run],
                          capture_output=True, text=True, env=env, timeout=1800)

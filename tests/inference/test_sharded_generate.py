@@ -18,7 +18,8 @@ MESHES = ["data=2,tensor=2,expert=2:ep_capacity"]
 
 @pytest.mark.slow
 def test_generation_on_a_mesh_matches_one_device():
-    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=8",
+    env = dict(os.environ, JAX_PLATFORMS="cpu",
+               XLA_FLAGS=os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8",
                PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     r = subprocess.run([sys.executable, str(HERE / "sharded_generate.py"), *MESHES], env=env, capture_output=True,
                        text=True, timeout=1800, cwd=ROOT)

@@ -138,7 +138,8 @@ def test_rl_on_a_mesh_matches_one_device(full_run, reward_module):
     tmp, _ = full_run
     bindings = RL + ["TrainConfig.steps = 3", "TrainConfig.fault_steps = (1,)",
                      f"RLConfig.init_checkpoint = '{tmp}/full/warmup'"]
-    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=8",
+    env = dict(os.environ, JAX_PLATFORMS="cpu",
+               XLA_FLAGS=os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8",
                PYTHONPATH=os.pathsep.join([str(reward_module), os.environ.get("PYTHONPATH", "")]))
     out = subprocess.run([sys.executable, "-c", MESH_SCRIPT, json.dumps(bindings), str(tmp / "mesh")],
                          cwd=os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), env=env,

@@ -26,7 +26,8 @@ ROOT = HERE.parent.parent
 
 
 def _run(script: str, args: list[str], devices: int, timeout: int = 1800, env_extra=None) -> list[dict]:
-    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+    env = dict(os.environ, JAX_PLATFORMS="cpu",
+               XLA_FLAGS=os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={devices}",
                PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     env.update(env_extra or {})
     r = subprocess.run([sys.executable, str(HERE / script), *args], env=env, capture_output=True, text=True,
@@ -200,7 +201,8 @@ def test_two_process_training_matches_single_process(tmp_path):
     ref = subprocess.Popen([sys.executable, script, "--out", str(tmp_path / "ref.npz")], env=env, cwd=ROOT,
                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     port = _free_port()
-    penv = dict(env, XLA_FLAGS="--xla_force_host_platform_device_count=2")
+    penv = dict(env, 
+               XLA_FLAGS=os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=2")
     procs = [subprocess.Popen([sys.executable, script, "--coordinator", f"localhost:{port}", "--num-processes", "2",
                                "--process-id", str(i), "--mesh", "data=2,fsdp=2"]
                               + (["--out", str(tmp_path / "multi.npz")] if i == 0 else []),

@@ -35,7 +35,8 @@ print("LOSSES", json.dumps({**first.losses, **rest.losses}))
 
 
 def test_sharded_run_and_reshard_on_resume(tmp_path):
-    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=4")
+    env = dict(os.environ, JAX_PLATFORMS="cpu",
+               XLA_FLAGS=os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4")
     out = subprocess.run([sys.executable, "-c", SCRIPT, json.dumps(BINDINGS), str(tmp_path / "mesh")], cwd=ROOT,
                          env=env, capture_output=True, text=True, timeout=1800)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
