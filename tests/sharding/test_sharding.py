@@ -201,8 +201,7 @@ def test_two_process_training_matches_single_process(tmp_path):
     ref = subprocess.Popen([sys.executable, script, "--out", str(tmp_path / "ref.npz")], env=env, cwd=ROOT,
                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     port = _free_port()
-    penv = dict(env, 
-               XLA_FLAGS=os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=2")
+    penv = dict(env, XLA_FLAGS=os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=2")
     procs = [subprocess.Popen([sys.executable, script, "--coordinator", f"localhost:{port}", "--num-processes", "2",
                                "--process-id", str(i), "--mesh", "data=2,fsdp=2"]
                               + (["--out", str(tmp_path / "multi.npz")] if i == 0 else []),
