@@ -31,11 +31,9 @@ collective-permute, and NCCL kernels), per device. A markdown table at the end; 
 from __future__ import annotations
 
 import argparse
-import ast
 import gc
 import glob
 import json
-import math
 import os
 import re
 import sys
@@ -61,28 +59,6 @@ def parse_config(s: str) -> tuple[int, str, str | None]:
                          "e.g. '4:fsdp=2,expert=2'")
     mesh, _, impl = rest.partition(":")
     return int(n), mesh, impl or None
-
-
-def parse_overrides(items: list[str]) -> dict:
-    out = {}
-    for kv in items:
-        k, sep, v = kv.partition("=")
-        if not sep:
-            raise SystemExit(f"--override {kv!r}: expected key=value")
-        try:
-            out[k] = ast.literal_eval(v)
-        except (ValueError, SyntaxError):
-            out[k] = v
-    return out
-
-
-def memory_plan_gib(compiled) -> float | None:
-    try:
-        m = compiled.memory_analysis()
-        return (m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes
-                + m.temp_size_in_bytes) / GIB
-    except Exception:  # backends without the analysis
-        return None
 
 
 def communication_seconds(trace_dir: str, n_devices: int) -> tuple[float | None, int, str]:
@@ -141,6 +117,7 @@ def run_config(spec: str, args, overrides: dict, devices, peak: float | None) ->
 
     import sharding
     from m1_jax import ModelConfig, flops
+    from m1_jax.memory import compiled_memory_plan_bytes
     from m1_jax.model.moe import resolve_impl
     from m1_jax.train import step as step_lib
     from m1_jax.train.optimizer import OptimizerConfig, make_optimizer
@@ -188,7 +165,8 @@ def run_config(spec: str, args, overrides: dict, devices, peak: float | None) ->
         t0 = time.perf_counter()
         compiled = fn.lower(state, batch).compile()
         compile_s = time.perf_counter() - t0
-        plan = memory_plan_gib(compiled)
+        plan_bytes = compiled_memory_plan_bytes(compiled)
+        plan = None if plan_bytes is None else plan_bytes / GIB
         print(f"  {spec}: compiled in {compile_s:.1f} s, memory plan {plan if plan is None else round(plan, 2)} "
               f"GiB/device; batch {B} x {T}, moe {resolve_impl(impl, mesh)}", flush=True)
         state, m = compiled(state, batch)  # first step: same data and init on every row
@@ -286,7 +264,12 @@ def main(argv=None) -> int:
     if args.steps < 1:
         raise SystemExit(f"--steps = {args.steps}: expected a positive integer")
     specs = [parse_config(s) for s in args.configs]  # all parsed before any compute
-    overrides = parse_overrides(args.override)
+    from m1_jax.config import ConfigError, parse_overrides
+
+    try:
+        overrides = parse_overrides(args.override, flag="--override")
+    except ConfigError as e:
+        raise SystemExit(str(e)) from None
 
     import jax
 

@@ -43,6 +43,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import sharding  # noqa: E402
 from m1_jax import ModelConfig, flops  # noqa: E402
+from m1_jax.config import ConfigError, parse_overrides  # noqa: E402
+from m1_jax.memory import compiled_memory_plan_bytes  # noqa: E402
 from m1_jax.train import step as step_lib  # noqa: E402
 from m1_jax.train.metrics import device_peak_tflops  # noqa: E402
 from m1_jax.train.optimizer import OptimizerConfig, make_optimizer  # noqa: E402
@@ -161,13 +163,9 @@ def components(cfg: ModelConfig, v: dict, seq: int, steps: int, tx) -> dict:
     return out
 
 
-def _memory_plan(compiled) -> float | None:
-    try:
-        m = compiled.memory_analysis()
-        return (m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes
-                + m.temp_size_in_bytes) / GIB
-    except Exception:  # pragma: no cover - backends without the analysis
-        return None
+def _plan_gib(compiled) -> float | None:
+    b = compiled_memory_plan_bytes(compiled)
+    return None if b is None else b / GIB
 
 
 def run_variant(v: dict, preset: str, seq: int, steps: int, warmup: int, peak: float | None, overrides: dict,
@@ -201,7 +199,7 @@ def run_variant(v: dict, preset: str, seq: int, steps: int, warmup: int, peak: f
         print(f"  {v['name']}: lowered in {t1 - t0:.1f} s, compiling ...", flush=True)
         compiled = lowered.compile()
         t2 = time.perf_counter()
-        print(f"  {v['name']}: compiled in {t2 - t1:.1f} s, memory plan {_memory_plan(compiled)} GiB", flush=True)
+        print(f"  {v['name']}: compiled in {t2 - t1:.1f} s, memory plan {_plan_gib(compiled)} GiB", flush=True)
         for i in range(warmup):
             state, m = compiled(state, batches[i % 2])
         jax.block_until_ready(m)
@@ -217,7 +215,7 @@ def run_variant(v: dict, preset: str, seq: int, steps: int, warmup: int, peak: f
            "head_dtype": v["head_dtype"], "packed": v["packed"], "cast_params": v["cast"], "moe_impl": cfg.moe_impl,
            "moe_backend": cfg.moe_backend, "step_s": dt, "tokens_per_s": batch * seq / dt, "tflops_per_device": tflops,
            "mfu": tflops / peak if peak else None, "loss": float(m["loss"]), "lower_s": t1 - t0,
-           "compile_s": t2 - t1, "mem_plan_gib": _memory_plan(compiled),
+           "compile_s": t2 - t1, "mem_plan_gib": _plan_gib(compiled),
            "process_peak_gib": mem.get("peak_bytes_in_use", 0) / GIB}
     del state, compiled, fn, lowered
     if want_components:
@@ -250,15 +248,10 @@ def main(argv=None) -> int:
     ap.add_argument("--components", action="store_true", help="step breakdown for the first row")
     ap.add_argument("--out", default=None, help="write the rows as JSON here")
     args = ap.parse_args(argv)
-    import ast
-
-    overrides = {}
-    for kv in args.set:
-        k, _, val = kv.partition("=")
-        try:
-            overrides[k] = ast.literal_eval(val)
-        except (ValueError, SyntaxError):
-            overrides[k] = val
+    try:
+        overrides = parse_overrides(args.set, flag="--set")
+    except ConfigError as e:
+        raise SystemExit(str(e)) from None
     variants = [parse_variant(s.strip()) for s in (args.variants or DEFAULT.get(args.preset, "b1")).split(",")
                 if s.strip()]
     peak = args.peak_tflops or device_peak_tflops()

@@ -35,6 +35,24 @@ class ConfigError(ValueError):
     """A config field has a value the architecture cannot use."""
 
 
+def parse_overrides(items, *, flag: str = "--set") -> dict:
+    """``["key=value", ...]`` from a command line -> ``{key: value}`` (a Python literal, else the string),
+    for ``ModelConfig.preset(name, **overrides)``; an item without ``=`` raises ``ConfigError`` naming
+    ``flag``."""
+    import ast
+
+    out = {}
+    for kv in items:
+        k, sep, v = kv.partition("=")
+        if not sep:
+            raise ConfigError(f"{flag} {kv!r}: expected key=value")
+        try:
+            out[k] = ast.literal_eval(v)
+        except (ValueError, SyntaxError):
+            out[k] = v
+    return out
+
+
 def require(cond: bool, obj: Any, field: str, expected: str) -> None:
     """The one validator of every config dataclass: raise ``ConfigError`` naming
     ``Class.field``, its value and what was expected, unless ``cond``."""

@@ -20,6 +20,16 @@ from sharding.mesh import AXES, MeshConfig
 from sharding.rules import logical_to_mesh_spec, variable_logical_axes
 
 
+def compiled_memory_plan_bytes(compiled) -> int | None:
+    """Device bytes XLA plans for a compiled program: arguments + outputs - aliased (donated) + temporaries;
+    None on backends without ``memory_analysis()``."""
+    try:
+        m = compiled.memory_analysis()
+        return int(m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes + m.temp_size_in_bytes)
+    except Exception:  # backends without the analysis
+        return None
+
+
 def _abstract_mesh(sizes: dict[str, int]):
     from jax.sharding import AbstractMesh
 

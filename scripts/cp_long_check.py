@@ -20,7 +20,6 @@ JSON summary.
 from __future__ import annotations
 
 import argparse
-import ast
 import json
 import os
 import sys
@@ -35,19 +34,6 @@ TOLERANCES = {"float32": (1e-5, 1e-4), "bfloat16": (1e-2, 1e-1), "float16": (1e-
 
 
 COLLECTIVES = ("all-gather", "all-reduce", "reduce-scatter", "all-to-all", "collective-permute")
-
-
-def parse_overrides(items):
-    out = {}
-    for kv in items:
-        k, sep, v = kv.partition("=")
-        if not sep:
-            raise SystemExit(f"--set {kv!r}: expected key=value")
-        try:
-            out[k] = ast.literal_eval(v)
-        except (ValueError, SyntaxError):
-            out[k] = v
-    return out
 
 
 def mesh_config(spec: str, n_dev: int):
@@ -89,7 +75,12 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--loss-chunk-size", type=int, default=4096)
     args = ap.parse_args(argv)
-    overrides = parse_overrides(args.set)
+    from m1_jax.config import ConfigError, parse_overrides
+
+    try:
+        overrides = parse_overrides(args.set, flag="--set")
+    except ConfigError as e:
+        fail(str(e))
     for name in ("seq", "batch", "documents"):
         if getattr(args, name) < 1:
             fail(f"--{name} = {getattr(args, name)}: expected a positive integer")
@@ -97,7 +88,6 @@ def main(argv=None) -> int:
         fail(f"--documents = {args.documents}: expected at most --seq = {args.seq}")
 
     import jax
-    import jax.numpy as jnp
     from flax import nnx
 
     import sharding

@@ -16,10 +16,6 @@ import pytest  # noqa: E402
 FULL = os.environ.get("M1_FULL_TESTS") == "1"
 
 
-def pytest_configure(config):
-    config.addinivalue_line("markers", "full: an extra case run only with M1_FULL_TESTS=1")
-
-
 def pytest_collection_modifyitems(config, items):
     _order_slowest_first(items)
     if FULL:

@@ -106,6 +106,14 @@ def _visible(q_seg, k_seg, q_pos, k_pos, S, causal):
     return vis
 
 
+def _key_block(kp, vp, ksp, j, BK, q_seg, q_pos, S, causal):
+    """Key block ``j``: its keys and values, and the ``[B, 1, 1, BQ, BK]`` mask of what the queries see."""
+    kb = lax.dynamic_slice_in_dim(kp, j * BK, BK, axis=1)
+    vb = lax.dynamic_slice_in_dim(vp, j * BK, BK, axis=1)
+    k_seg = lax.dynamic_slice_in_dim(ksp, j * BK, BK, axis=1)
+    return kb, vb, _visible(q_seg, k_seg, q_pos, j * BK + jnp.arange(BK), S, causal)[:, None, None]
+
+
 def _key_blocks_seen(i, q_offset, BQ, BK, nk, causal):
     """Key blocks ``[0, hi)`` that query block ``i`` can see."""
     if not causal:
@@ -135,10 +143,7 @@ def _flash_fwd(q, k, v, qseg, kseg, q_offset, sm_scale, causal, BQ, BK):
 
         def body(j, carry):
             m, l, acc = carry
-            kb = lax.dynamic_slice_in_dim(kp, j * BK, BK, axis=1)
-            vb = lax.dynamic_slice_in_dim(vp, j * BK, BK, axis=1)
-            kseg_b = lax.dynamic_slice_in_dim(ksp, j * BK, BK, axis=1)
-            vis = _visible(si, kseg_b, q_pos, j * BK + jnp.arange(BK), S, causal)[:, None, None]
+            kb, vb, vis = _key_block(kp, vp, ksp, j, BK, si, q_pos, S, causal)
             s = jnp.where(vis, _einsum("btkgd,bskd->bkgts", qi, kb) * sm_scale, MASK_VALUE)
             m_new = jnp.maximum(m, jnp.max(s, axis=-1))
             corr = jnp.exp(m - m_new)
@@ -196,10 +201,7 @@ def _flash_vjp_bwd(sm_scale, causal, BQ, BK, res, do):
 
         def k_step(j, c):
             dqi, dk, dv = c
-            kb = lax.dynamic_slice_in_dim(kp, j * BK, BK, axis=1)
-            vb = lax.dynamic_slice_in_dim(vp, j * BK, BK, axis=1)
-            kseg_b = lax.dynamic_slice_in_dim(ksp, j * BK, BK, axis=1)
-            vis = _visible(si, kseg_b, q_pos, j * BK + jnp.arange(BK), S, causal)[:, None, None]
+            kb, vb, vis = _key_block(kp, vp, ksp, j, BK, si, q_pos, S, causal)
             s = _einsum("btkgd,bskd->bkgts", qi, kb) * sm_scale
             p = jnp.where(vis, jnp.exp(s - lse_i[..., None]), 0.0)  # [B, K, G, BQ, BK]
             dv_j = _einsum("bkgts,btkgd->bskd", p.astype(mdt), doi.astype(mdt))

@@ -18,13 +18,12 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent.parent
 TINY = ["num_hidden_layers=2", "layer_types=('linear_attention','full_attention')", "block_size=16"]
-# cheaper XLA:CPU compiles (the programs are compiled once and run for a step or two)
-FLAGS = "--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0 " \
-        "--xla_llvm_disable_expensive_passes=true"
 
 
-def _run(args: list[str], timeout: int = 900, devices_flags: str = FLAGS) -> tuple[int, list[dict], str]:
-    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=devices_flags,
+def _run(args: list[str], timeout: int = 1800, devices: int = 8) -> tuple[int, list[dict], str]:
+    # XLA_FLAGS from tests/conftest.py (cheaper compiles) plus the fake device count
+    env = dict(os.environ, JAX_PLATFORMS="cpu",
+               XLA_FLAGS=os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={devices}",
                PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     r = subprocess.run([sys.executable, *args], env=env, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
     rows = [json.loads(line) for line in r.stdout.splitlines() if line.startswith("{")]
@@ -73,5 +72,5 @@ def test_cp_long_check_passes_and_needs_two_devices():
     assert "all-gather" in r["collectives"], r  # the sequence really was split over devices
     # one device: a clear refusal, exit status 2, before any compute
     rc, rows, log = _run(["scripts/cp_long_check.py", "--preset", "tiny", "--seq", "256"],
-                         devices_flags="--xla_force_host_platform_device_count=1")
+                         devices=1)
     assert rc == 2 and rows[-1]["status"] == "cannot run" and "needs >= 2 devices" in log, log
