@@ -30,6 +30,7 @@ os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.97")  # batch 64 x 1M
 
 import argparse  # noqa: E402
 import datetime  # noqa: E402
+import functools  # noqa: E402
 import json  # noqa: E402
 import math  # noqa: E402
 import platform  # noqa: E402
@@ -50,6 +51,7 @@ from m1_jax.config import FULL, LINEAR  # noqa: E402
 from m1_jax.dtypes import as_dtype  # noqa: E402
 from m1_jax.inference import Session, cache_bytes  # noqa: E402
 from m1_jax.model.cache import Cache, init_cache, layer_counts  # noqa: E402
+from m1_jax.model.moe.layer import DECODE_PRODUCTS, is_decode_shape, moe_forward  # noqa: E402
 
 CONTEXTS = {"1K": 1 << 10, "8K": 1 << 13, "32K": 1 << 15, "128K": 1 << 17, "512K": 1 << 19, "1M": 1 << 20}
 T0 = time.perf_counter()
@@ -358,12 +360,19 @@ def run_breakdown(name, model, c, B, rows, save, iters=50):
     graphdef, state = nnx.split(model.blocks)
     x0 = jax.random.normal(jax.random.key(3), (B, 1, c.hidden_size), jnp.float32).astype(as_dtype(c.dtype))
 
-    def moe_all(state, x):
+    def moe_all(state, x, products=None):
         def one_step(i, x):
             def body(h, st):
                 block = nnx.merge(graphdef, st)
                 for layer in block.layers:
-                    h = h + 0.01 * layer.block_sparse_moe(h)[0]
+                    m = layer.block_sparse_moe
+                    if products is None:  # the model's own call
+                        y = m(h)[0]
+                    else:
+                        y = moe_forward(h, m.gate.value, m.w1.value, m.w3.value, m.w2.value, impl=c.moe_impl,
+                                        top_k=c.num_experts_per_tok, backend=c.moe_backend,
+                                        decode_products=products)[0]
+                    h = h + 0.01 * y
                 return h, None
             return jax.lax.scan(body, x, state)[0]
         return jax.lax.fori_loop(0, iters, one_step, x)
@@ -380,7 +389,10 @@ def run_breakdown(name, model, c, B, rows, save, iters=50):
         return jax.lax.fori_loop(0, iters, one_step, (x, jnp.zeros((B,), jnp.int32)))
 
     out = {}
-    for part, fn, args in (("moe_all_layers", moe_all, (state, x0)), ("norm_lm_head_argmax", head, (head_s, x0))):
+    parts = [("moe_all_layers", moe_all, (state, x0)), ("norm_lm_head_argmax", head, (head_s, x0))]
+    if is_decode_shape(B, c.num_experts_per_tok, c.num_local_experts):  # both decode-shape expert products
+        parts += [(f"moe_all_layers_{p}", functools.partial(moe_all, products=p), (state, x0)) for p in DECODE_PRODUCTS]
+    for part, fn, args in parts:
         try:
             f = jax.jit(fn).lower(*args).compile()
             jax.block_until_ready(f(*args))
@@ -420,8 +432,9 @@ def table(rows) -> str:
                      f"{comp:.0f} | {peak / 2**30:.1f} |")
     for r in rows:
         if r["kind"] == "breakdown":
-            lines.append(f"\nstep breakdown {r['model']} B={r['batch']}: MoE of all layers "
-                         f"{r.get('moe_all_layers_ms')} ms, norm + LM head + argmax {r.get('norm_lm_head_argmax_ms')} ms")
+            parts = ", ".join(f"{k[:-3]} {v:.3f} ms" if isinstance(v, float) else f"{k[:-3]} {v}"
+                              for k, v in r.items() if k.endswith("_ms"))
+            lines.append(f"\nstep breakdown {r['model']} B={r['batch']}: {parts}")
     return "\n".join(lines)
 
 
@@ -566,6 +579,8 @@ def main(argv=None) -> int:
                "--budget-s", str(max(10.0, budget.left() - 15)), "--steps", str(steps), "--repeats", str(repeats)]
         if args.compile_cache:
             cmd += ["--compile-cache", args.compile_cache]
+        if args.breakdown:
+            cmd += ["--breakdown"]
         log(f"variant: XLA_FLAGS={env['XLA_FLAGS']}")
         r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=max(20.0, budget.left()))
         log(r.stdout[-2000:] + r.stderr[-1500:])

@@ -105,6 +105,31 @@ def test_decode_step_reads_only_the_routed_experts():
     np.testing.assert_allclose(np.asarray(y).reshape(ref.shape), ref, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("products", moe_layer.DECODE_PRODUCTS)
+def test_decode_products_match_per_expert_loop(products):
+    """Both decode-shape expert computations (one-row grouped GEMMs, batched matrix-vector products): values
+    and gradients against the float64 per-expert loop, 3 tokens (6 pairs) over 16 experts."""
+    E, k = 16, 2
+    c = ModelConfig.preset("tiny", num_local_experts=E, num_experts_per_tok=k)
+    assert moe_layer.is_decode_shape(3, k, E)
+    kk = jax.random.split(jax.random.key(11), 6)
+    H, I = c.hidden_size, c.intermediate_size
+    x = jax.random.normal(kk[0], (3, 1, H))
+    gate = jax.random.normal(kk[1], (H, E))
+    ws = [0.3 * jax.random.normal(kk[2 + j], s) for j, s in enumerate([(E, H, I), (E, H, I), (E, I, H)])]
+    fn = lambda *a: moe_layer.moe_forward(*a, impl="gmm", top_k=k, decode_products=products)[0]  # noqa: E731
+    ref, _ = per_expert_loop(np.asarray(x), *(np.asarray(a, np.float64) for a in (gate, *ws)), k)
+    y = np.asarray(jax.jit(fn)(x, gate, *ws), np.float64).reshape(ref.shape)
+    np.testing.assert_allclose(y, ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max())
+    ct = jax.random.normal(kk[5], x.shape)
+    g = jax.jit(jax.grad(lambda *a: jnp.sum(fn(*a) * ct), argnums=(0, 2, 3, 4)))(x, gate, *ws)
+    g0 = jax.jit(jax.grad(lambda *a: jnp.sum(loop_jnp(*a, k) * ct), argnums=(0, 2, 3, 4)))(x, gate, *ws)
+    for a, b in zip(g, g0):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-4, atol=2e-5 * float(jnp.abs(b).max()))
+    with pytest.raises(ValueError, match="decode_products"):
+        moe_layer.moe_forward(x, gate, *ws, impl="gmm", top_k=k, decode_products="loop")
+
+
 def test_load_balancing_loss_matches_its_formula_on_random_routings():
     """E * sum_e f_e P_e over the tokens of all layers together (transformers' load_balancing_loss_func):
     f_e = fraction of the (token, choice) pairs that chose e, summed over the k choices; P_e = mean

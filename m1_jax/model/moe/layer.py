@@ -75,12 +75,20 @@ def _dropless(xf, weights, experts, w1, w3, w2, lay, backend, a2a):
     return combine_rows(ys, pairs, weights)
 
 
-def _decode(xf, weights, experts, w1, w3, w2, lay, backend, dt):
-    """Each pair its own group, with its expert's weights gathered (only the routed experts are read)."""
+DECODE_PRODUCTS = ("grouped", "batched")
+
+
+def _decode(xf, weights, experts, w1, w3, w2, lay, backend, dt, products="grouped"):
+    """Each pair with its expert's weights gathered (only the routed experts are read), then either one
+    grouped GEMM of one-row groups (``"grouped"``) or batched matrix-vector products (``"batched"``)."""
     N, k = experts.shape
     flat = experts.reshape(-1)
     w1g, w3g, w2g = (w[flat].astype(dt) for w in (w1, w3, w2))
-    ys = expert_ffn(jnp.repeat(xf, k, axis=0), w1g, w3g, w2g, jnp.ones((N * k,), jnp.int32), backend=backend)
+    xs = jnp.repeat(xf, k, axis=0)
+    if products == "batched":
+        ys = expert_ffn(xs[:, None, :], w1g, w3g, w2g)[:, 0]
+    else:
+        ys = expert_ffn(xs, w1g, w3g, w2g, jnp.ones((N * k,), jnp.int32), backend=backend)
     ys = _tp_sum(ys, lay)
     return jnp.einsum("nkh,nk->nh", ys.reshape(N, k, -1).astype(F32), weights)
 
@@ -103,14 +111,18 @@ def _capacity(xf, weights, experts, w1, w3, w2, lay, capacity_factor):
 
 
 def moe_forward(x, gate, w1, w3, w2, *, impl: str, top_k: int, backend: str = "auto",
-                capacity_factor: float = 1.25, dtype=None, mesh=None, a2a=None):
+                capacity_factor: float = 1.25, dtype=None, mesh=None, a2a=None, decode_products: str = "grouped"):
     """The MoE on ``x [B, T, H]``: router ``gate [H, E]``, experts ``w1, w3 [E, H, I]``, ``w2 [E, I, H]``
     (any dtype; computed in ``dtype``, default x's). Runs on the mesh of ``jax.set_mesh`` (shard_map
     over the token axes; ``mesh`` overrides) or on one device without one. ``a2a`` replaces
     ``lax.ragged_all_to_all`` for ``"ep_ragged"`` (tests pass ``moe_dispatch.ragged_all_to_all_emulated``).
 
+    ``decode_products`` picks the expert products at decode shapes (``DECODE_PRODUCTS``).
+
     Returns ``(y [B, T, H] in x's dtype, RouterStats)``.
     """
+    if decode_products not in DECODE_PRODUCTS:
+        raise ValueError(f"decode_products must be one of {DECODE_PRODUCTS}, got {decode_products!r}")
     mesh = current_mesh() if mesh is None else mesh
     impl = resolve_impl(impl, mesh)
     dt = jnp.dtype(dtype or x.dtype)
@@ -137,7 +149,7 @@ def moe_forward(x, gate, w1, w3, w2, *, impl: str, top_k: int, backend: str = "a
         if impl == "ep_capacity":
             y, dropped = _capacity(xf, weights, experts, w1, w3, w2, lay, capacity_factor)
         elif decode:
-            y = _decode(xf, weights, experts, w1, w3, w2, lay, backend, dt)
+            y = _decode(xf, weights, experts, w1, w3, w2, lay, backend, dt, decode_products)
         else:
             y = _dropless(xf, weights, experts, w1, w3, w2, lay, backend, a2a)
         if lay.token_axes:
