@@ -78,7 +78,7 @@ def _dropless(xf, weights, experts, w1, w3, w2, lay, backend, a2a):
 DECODE_PRODUCTS = ("grouped", "batched")
 
 
-def _decode(xf, weights, experts, w1, w3, w2, lay, backend, dt, products="grouped"):
+def _decode(xf, weights, experts, w1, w3, w2, lay, backend, dt, products="batched"):
     """Each pair with its expert's weights gathered (only the routed experts are read), then either one
     grouped GEMM of one-row groups (``"grouped"``) or batched matrix-vector products (``"batched"``)."""
     N, k = experts.shape
@@ -111,7 +111,7 @@ def _capacity(xf, weights, experts, w1, w3, w2, lay, capacity_factor):
 
 
 def moe_forward(x, gate, w1, w3, w2, *, impl: str, top_k: int, backend: str = "auto",
-                capacity_factor: float = 1.25, dtype=None, mesh=None, a2a=None, decode_products: str = "grouped"):
+                capacity_factor: float = 1.25, dtype=None, mesh=None, a2a=None, decode_products: str = "batched"):
     """The MoE on ``x [B, T, H]``: router ``gate [H, E]``, experts ``w1, w3 [E, H, I]``, ``w2 [E, I, H]``
     (any dtype; computed in ``dtype``, default x's). Runs on the mesh of ``jax.set_mesh`` (shard_map
     over the token axes; ``mesh`` overrides) or on one device without one. ``a2a`` replaces
