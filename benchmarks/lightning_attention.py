@@ -58,6 +58,9 @@ def main():
     g.add_argument("--f32-timeout", type=float, default=100.0)
     g.add_argument("--bandwidth", type=float, default=0.0,
                    help="sweep-report: floors at this many bytes/s instead of the run's measured bandwidth")
+    g.add_argument("--fastest", action="store_true",
+                   help="sweep-report: each point's fastest run instead of its median (a run that other GPU work "
+                        "slowed can only be slower)")
     g.add_argument("--f32-configs", default="", help="comma-separated names of lightning_f32.CONFIGS (default all)")
     g.add_argument("--tasks", default="", help=argparse.SUPPRESS)
     g.add_argument("--worker-out", default="", help=argparse.SUPPRESS)
