@@ -422,7 +422,9 @@ def table(rows) -> str:
         def f(r, k, fmt):
             if r is None:
                 return "-"
-            if "error" in r:
+            if "error" in r:  # "not run: KV cache 128 GiB" (does not fit) is not a failure
+                if r["error"].startswith("not run"):
+                    return r["error"] if k == "ms_per_token" else "-"
                 return "fails"
             return fmt.format(r[k]) if r.get(k) is not None else "-"
         peak = max([r.get("peak_bytes_in_use", 0) for r in (d, p) if r and "error" not in r] or [0])
