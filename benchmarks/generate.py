@@ -474,6 +474,33 @@ def plot(rows, path):
     fig.savefig(path, dpi=120)
 
 
+def run_variant(args, steps, repeats, budget_s):
+    """Hybrid decode in a subprocess with extra XLA_FLAGS. It runs before this process touches the GPU:
+    the parent would otherwise hold XLA_PYTHON_CLIENT_MEM_FRACTION of the memory and leave the variant none."""
+    import subprocess
+
+    vout = os.path.join(args.out, "variant")
+    env = dict(os.environ, XLA_FLAGS=(os.environ.get("XLA_FLAGS", "") + " " + args.variant_flags).strip())
+    cmd = [sys.executable, os.path.abspath(__file__), "--out", vout, "--models", "hybrid", "--no-check",
+           "--no-prefill", "--batches", args.batches, "--contexts", args.variant_contexts,
+           "--budget-s", str(max(10.0, budget_s - 15)), "--steps", str(steps), "--repeats", str(repeats)]
+    if args.quick:
+        cmd += ["--quick"]
+    if args.compile_cache:
+        cmd += ["--compile-cache", args.compile_cache]
+    if args.breakdown:
+        cmd += ["--breakdown"]
+    log(f"variant: XLA_FLAGS={env['XLA_FLAGS']}")
+    try:
+        r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=max(20.0, budget_s))
+        log(r.stdout[-2000:] + r.stderr[-1500:])
+        with open(os.path.join(vout, "generate.json")) as f:
+            return [dict(row, model=f"hybrid [{args.variant_flags}]") for row in json.load(f)["rows"]]
+    except (OSError, ValueError, subprocess.TimeoutExpired) as e:
+        log(f"variant produced no results: {e}")
+        return []
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", default="generate_out")
@@ -499,6 +526,7 @@ def main(argv=None) -> int:
                     help="also run hybrid decode (batch 1 and the largest, --variant-contexts) in a subprocess "
                          "with these XLA_FLAGS, e.g. --xla_gpu_enable_command_buffer=...")
     ap.add_argument("--variant-contexts", default="1K,1M")
+    ap.add_argument("--variant-budget-s", type=float, default=150.0, help="seconds for the variant (part of --budget-s)")
     ap.add_argument("--compile-cache", default=None, help="persistent XLA compilation cache folder")
     ap.add_argument("--replot", nargs="+", default=None, metavar="JSON",
                     help="no run: merge the rows of these generate.json files (later files win) into OUT's plot and table")
@@ -522,6 +550,7 @@ def main(argv=None) -> int:
     contexts = [64, 256] if quick and args.contexts == ap.get_default("contexts") else parse_contexts(args.contexts)
     batches = [1, 4] if quick and args.batches == ap.get_default("batches") else [int(b) for b in args.batches.split(",")]
     steps, repeats = (5, 2) if quick else (args.steps, args.repeats)
+    variant_rows = run_variant(args, steps, repeats, min(args.variant_budget_s, budget.left())) if args.variant_flags else []
     dev = jax.devices()[0]
     meta = dict(date=datetime.date.today().isoformat(), device=getattr(dev, "device_kind", str(dev)),
                 platform=jax.default_backend(), jax=jax.__version__, flax=nnx.__name__ and __import__("flax").__version__,
@@ -571,27 +600,7 @@ def main(argv=None) -> int:
                 chunk = args.prefill_chunk or (max(16, min(8192, (1 << 14) // B)) if not quick else 32)
                 run_prefill(name, model, c, B, pctx, chunk, budget, rows, save)
         del model
-    if args.variant_flags and budget.left() > 40:
-        import subprocess
-
-        vout = os.path.join(args.out, "variant")
-        env = dict(os.environ, XLA_FLAGS=(os.environ.get("XLA_FLAGS", "") + " " + args.variant_flags).strip())
-        cmd = [sys.executable, os.path.abspath(__file__), "--out", vout, "--models", "hybrid", "--no-check",
-               "--no-prefill", "--batches", args.batches, "--contexts", args.variant_contexts,
-               "--budget-s", str(max(10.0, budget.left() - 15)), "--steps", str(steps), "--repeats", str(repeats)]
-        if args.compile_cache:
-            cmd += ["--compile-cache", args.compile_cache]
-        if args.breakdown:
-            cmd += ["--breakdown"]
-        log(f"variant: XLA_FLAGS={env['XLA_FLAGS']}")
-        r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=max(20.0, budget.left()))
-        log(r.stdout[-2000:] + r.stderr[-1500:])
-        try:
-            with open(os.path.join(vout, "generate.json")) as f:
-                for row in json.load(f)["rows"]:
-                    rows.append(dict(row, model=f"hybrid [{args.variant_flags}]"))
-        except (OSError, ValueError) as e:
-            log(f"variant produced no results: {e}")
+    rows += variant_rows
     save()
     try:
         plot(rows, os.path.join(args.out, "generate.png"))
