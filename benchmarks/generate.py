@@ -366,10 +366,10 @@ def run_breakdown(name, model, c, B, rows, save, iters=50):
                 block = nnx.merge(graphdef, st)
                 for layer in block.layers:
                     m = layer.block_sparse_moe
-                    if products is None:  # the model's own call
+                    if products is None:  # the model's own call; else the dropless path's decode products
                         y = m(h)[0]
                     else:
-                        y = moe_forward(h, m.gate.value, m.w1.value, m.w3.value, m.w2.value, impl=c.moe_impl,
+                        y = moe_forward(h, m.gate.value, m.w1.value, m.w3.value, m.w2.value, impl="gmm",
                                         top_k=c.num_experts_per_tok, backend=c.moe_backend,
                                         decode_products=products)[0]
                     h = h + 0.01 * y
