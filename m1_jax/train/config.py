@@ -61,6 +61,8 @@ class TrainConfig:
     tree cast once per step; the LM head stays float32 when ``head_dtype`` is float32).
     ``fault_steps``: steps (RL: optimizer updates) whose loss and gradients are NaN (tests of the non-finite
     handling).
+    ``compilation_cache_dir``: a folder for XLA's persistent compilation cache (``~`` expanded), so that a
+    relaunch or a resume of the same programs loads them instead of compiling again; ``None``: off.
     """
 
     mode: str = "pretrain"
@@ -88,6 +90,7 @@ class TrainConfig:
     microbatches: int = 1
     cast_params: str | None = None
     fault_steps: tuple = ()
+    compilation_cache_dir: str | None = None
 
     def validate(self) -> None:
         def need(cond, field, expected):
@@ -108,6 +111,9 @@ class TrainConfig:
         need(isinstance(self.run_dir, str) and self.run_dir, "run_dir", "a folder path")
         need(isinstance(self.microbatches, int) and self.microbatches > 0, "microbatches", "a positive integer")
         need(self.cast_params in (None, "bfloat16", "float32"), "cast_params", "None, 'bfloat16' or 'float32'")
+        need(self.compilation_cache_dir is None or (isinstance(self.compilation_cache_dir, str)
+                                                    and self.compilation_cache_dir.strip()),
+             "compilation_cache_dir", "None or a folder path")
 
     def model_config(self) -> ModelConfig:
         fields = {f.name for f in dataclasses.fields(ModelConfig)}

@@ -28,7 +28,7 @@ from m1_jax.train.metrics import MetricsLogger
 # TrainConfig / RLConfig fields that only steer one invocation (changing them on resume is not noted).
 RUN_CONTROL = {"stop_after", "resume", "run_dir", "log_every", "progress_bar", "tensorboard", "sample_prompt",
                "sample_tokens", "sample_temperature", "fault_steps", "num_threads", "prefetch_buffer_size",
-               "eval_every", "init_checkpoint", "reward_errors"}
+               "eval_every", "init_checkpoint", "reward_errors", "compilation_cache_dir"}
 _SHAPE_FIELDS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "head_dim",
                  "num_key_value_heads", "intermediate_size", "num_local_experts", "layer_types", "param_dtype")
 
@@ -36,6 +36,17 @@ _SHAPE_FIELDS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attentio
 def console(verbose: bool) -> Callable[..., None]:
     """``print`` on the main process when ``verbose``, else nothing."""
     return print if (verbose and jax.process_index() == 0) else (lambda *a, **k: None)
+
+
+def enable_compilation_cache(path: str | None) -> None:
+    """XLA's persistent compilation cache in ``path`` (``None``: leave JAX's setting alone). Programs that
+    took at least a second to compile are stored; a later run of the same programs loads them."""
+    if not path:
+        return
+    path = os.path.abspath(os.path.expanduser(path))
+    os.makedirs(path, exist_ok=True)
+    jax.config.update("jax_compilation_cache_dir", path)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
 
 
 def check_batch_layout(mesh, batch_size: int, seq_len: int, *, batch_field: str = "DataConfig.batch_size",
@@ -161,6 +172,7 @@ def open_run(run, *, mesh, resume: Resume, abstract_state, shardings, init_state
     :func:`jit_init`). ``init_state`` is only called on a fresh start, so it may run work (the RL warm-up).
     """
     tc = run.train
+    enable_compilation_cache(tc.compilation_cache_dir)  # before the first compile (init_state below)
     is_main = jax.process_index() == 0
     os.makedirs(tc.run_dir, exist_ok=True)
     if is_main:

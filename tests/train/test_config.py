@@ -61,6 +61,7 @@ def test_parse_args_shorthand_and_files():
                                      r"DataConfig.batch_size = 16"),
     ("TrainConfig.microbatches = 0", "TrainConfig.microbatches = 0 is invalid"),
     ("TrainConfig.cast_params = 'int8'", "TrainConfig.cast_params = 'int8' is invalid"),
+    ("TrainConfig.compilation_cache_dir = ' '", "TrainConfig.compilation_cache_dir = ' ' is invalid"),
 ])
 def test_bad_bindings_fail_clearly(binding, match):
     with pytest.raises((UsageError, ConfigError, ValueError), match=match):

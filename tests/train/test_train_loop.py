@@ -150,7 +150,7 @@ def test_sigterm_saves_and_resume_matches_uninterrupted(tmp_path):
     run_dir = tmp_path / "killed"
     args = [sys.executable, "train.py", *[f"--gin_bindings={b}" for b in SMALL],
             f"--gin.TrainConfig.steps={total}", "--gin.TrainConfig.checkpoint_every=100000",
-            f"--gin.TrainConfig.run_dir={run_dir}"]
+            f"--gin.TrainConfig.run_dir={run_dir}", f"--gin.TrainConfig.compilation_cache_dir={tmp_path}/xla"]
     env = dict(os.environ, JAX_PLATFORMS="cpu")
     proc = subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     metrics = run_dir / "metrics.jsonl"
@@ -170,6 +170,7 @@ def test_sigterm_saves_and_resume_matches_uninterrupted(tmp_path):
     out, _ = proc.communicate(timeout=1200)
     assert proc.returncode == 0, out
     assert "received SIGTERM" in out
+    assert any(f.endswith("-cache") for f in os.listdir(tmp_path / "xla")), "the compiled step was not cached"
     steps = _steps(run_dir)
     assert len(steps) == 1 and 3 <= steps[0] < total
     k = steps[0]
