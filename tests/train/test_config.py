@@ -18,7 +18,7 @@ def test_defaults_equal_tiny_gin():
     assert a.model.vocab_size == 256 and a.train.steps > 0
 
 
-@pytest.mark.parametrize("name", ["tiny", "small", "m1-80k", "cispo_tiny", "cispo_small"])
+@pytest.mark.parametrize("name", ["tiny", "small", "medium", "m1-80k", "cispo_tiny", "cispo_small"])
 def test_shipped_gin_files_validate(name):
     extra = ["DataConfig.source = '/data/x.jsonl'", "DataConfig.tokenizer = '/tok'"] if name == "m1-80k" else []
     run = load_config([name], extra)
