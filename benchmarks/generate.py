@@ -77,12 +77,15 @@ def label(n: int) -> str:
 
 
 # ------------------------------------------------------------------------------------- configs and floor
-def configs(quick: bool) -> dict[str, ModelConfig]:
+def configs(quick: bool, moe_impl: str | None = None) -> dict[str, ModelConfig]:
+    """The hybrid and its softmax-only twin; ``moe_impl`` replaces the preset's MoE implementation."""
     if quick:
         base = ModelConfig.preset("tiny", num_hidden_layers=4, layer_types=(LINEAR, FULL) * 2, moe_impl="dense",
                                   max_position_embeddings=1 << 16)
     else:
         base = ModelConfig.preset("small", param_dtype="bfloat16", dtype="bfloat16", max_position_embeddings=1 << 21)
+    if moe_impl:
+        base = base.replace(moe_impl=moe_impl)
     return {"hybrid": base, "twin": base.replace(layer_types=(FULL,) * base.num_hidden_layers)}
 
 
@@ -360,16 +363,16 @@ def run_breakdown(name, model, c, B, rows, save, iters=50):
     graphdef, state = nnx.split(model.blocks)
     x0 = jax.random.normal(jax.random.key(3), (B, 1, c.hidden_size), jnp.float32).astype(as_dtype(c.dtype))
 
-    def moe_all(state, x, products=None):
+    def moe_all(state, x, products=None, impl="gmm"):
         def one_step(i, x):
             def body(h, st):
                 block = nnx.merge(graphdef, st)
                 for layer in block.layers:
                     m = layer.block_sparse_moe
-                    if products is None:  # the model's own call; else the dropless path's decode products
+                    if products is None:  # the model's own call; else moe_forward with impl and decode products
                         y = m(h)[0]
                     else:
-                        y = moe_forward(h, m.gate.value, m.w1.value, m.w3.value, m.w2.value, impl="gmm",
+                        y = moe_forward(h, m.gate.value, m.w1.value, m.w3.value, m.w2.value, impl=impl,
                                         top_k=c.num_experts_per_tok, backend=c.moe_backend,
                                         decode_products=products)[0]
                     h = h + 0.01 * y
@@ -389,7 +392,9 @@ def run_breakdown(name, model, c, B, rows, save, iters=50):
         return jax.lax.fori_loop(0, iters, one_step, (x, jnp.zeros((B,), jnp.int32)))
 
     out = {}
-    parts = [("moe_all_layers", moe_all, (state, x0)), ("norm_lm_head_argmax", head, (head_s, x0))]
+    # "dense": every expert on every token; at a few tokens it reads the same weights as the routed experts'
+    parts = [("moe_all_layers", moe_all, (state, x0)), ("norm_lm_head_argmax", head, (head_s, x0)),
+             ("moe_all_layers_dense", functools.partial(moe_all, products="batched", impl="dense"), (state, x0))]
     if is_decode_shape(B, c.num_experts_per_tok, c.num_local_experts):  # both decode-shape expert products
         parts += [(f"moe_all_layers_{p}", functools.partial(moe_all, products=p), (state, x0)) for p in DECODE_PRODUCTS]
     for part, fn, args in parts:
@@ -490,6 +495,8 @@ def run_variant(args, steps, repeats, budget_s):
         cmd += ["--compile-cache", args.compile_cache]
     if args.breakdown:
         cmd += ["--breakdown"]
+    if args.moe_impl:
+        cmd += ["--moe-impl", args.moe_impl]
     log(f"variant: XLA_FLAGS={env['XLA_FLAGS']}")
     try:
         r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=max(20.0, budget_s))
@@ -521,7 +528,9 @@ def main(argv=None) -> int:
     ap.add_argument("--prefill-batches", default=None, help="batches prefilled for real (default: all)")
     ap.add_argument("--prefill-contexts", default=None, help="contexts prefilled for real (default: --contexts)")
     ap.add_argument("--prefill-chunk", type=int, default=None, help="default: 16K tokens per forward, at most 8192")
-    ap.add_argument("--breakdown", action="store_true", help="time the MoE and the LM head alone at decode shapes")
+    ap.add_argument("--breakdown", action="store_true", help="time the MoE (the model's, every expert densely, and "
+                    "at decode shapes both expert products) and the LM head alone at decode shapes")
+    ap.add_argument("--moe-impl", default=None, help="ModelConfig.moe_impl of both models (default: the preset's)")
     ap.add_argument("--variant-flags", default=None,
                     help="also run hybrid decode (batch 1 and the largest, --variant-contexts) in a subprocess "
                          "with these XLA_FLAGS, e.g. --xla_gpu_enable_command_buffer=...")
@@ -574,7 +583,8 @@ def main(argv=None) -> int:
         with open(os.path.join(args.out, "generate.json"), "w") as f:
             json.dump(dict(meta=meta, checks=checks, rows=rows), f, indent=1, default=str)
 
-    cfgs = configs(quick)
+    cfgs = configs(quick, args.moe_impl)
+    meta["moe_impl"] = cfgs["hybrid"].moe_impl
     names = [m for m in ("hybrid", "twin") if m in args.models.split(",")]
     # per model: decode at every batch (one compile per batch), then the real prefills
     for name in names:

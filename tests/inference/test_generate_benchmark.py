@@ -21,7 +21,7 @@ from m1_jax.config import LINEAR  # noqa: E402
 def result(tmp_path_factory):
     out = tmp_path_factory.mktemp("gen")
     code = bench.main(["--quick", "--no-check", "--models", "hybrid,twin", "--batches", "1,2", "--contexts", "64",
-                       "--breakdown", "--twin-cache-gib", "1e-9", "--out", str(out)])
+                       "--breakdown", "--twin-cache-gib", "1e-9", "--moe-impl", "gmm", "--out", str(out)])
     assert code == 0
     with open(out / "generate.json") as f:
         return json.load(f), out
@@ -38,8 +38,12 @@ def test_rows_of_every_kind(result):
     assert prefill and all(r["tokens_per_s"] > 0 for r in prefill)
     # batch 1 is a decode shape of the MoE: both expert products are timed beside the model's own call
     b1 = next(r for r in rows if r["kind"] == "breakdown" and r["batch"] == 1)
-    for key in ("moe_all_layers_ms", "moe_all_layers_grouped_ms", "moe_all_layers_batched_ms", "norm_lm_head_argmax_ms"):
+    for key in ("moe_all_layers_ms", "moe_all_layers_grouped_ms", "moe_all_layers_batched_ms", "moe_all_layers_dense_ms",
+                "norm_lm_head_argmax_ms"):
         assert isinstance(b1[key], float) and b1[key] > 0, (key, b1)
+    b2 = next(r for r in rows if r["kind"] == "breakdown" and r["batch"] == 2)  # not a decode shape: no products
+    assert "moe_all_layers_dense_ms" in b2 and "moe_all_layers_batched_ms" not in b2
+    assert data["meta"]["command"].endswith("--out " + str(out)) and data["meta"]["moe_impl"] == "gmm"
     # the twin's cache is above --twin-cache-gib: reported as not run, and the table says so
     twin = [r for r in rows if r["kind"] == "decode" and r["model"] == "twin"]
     assert twin and all(r["error"].startswith("not run: KV cache") for r in twin)
