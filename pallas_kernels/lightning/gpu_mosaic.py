@@ -255,6 +255,32 @@ def _walk_kernel(*refs, T, C, L, seg0, BV, Dy, steps, dtype, reverse, with_out, 
     with_state_buffer(store_state)
 
 
+@functools.lru_cache(maxsize=None)
+def _walk_launcher(B, H, Tp, Dy, Dz, P, dtype, *, T, C, L, seg0, BV, steps, reverse, with_out, docs, interpret,
+                   lean, from_zero):
+    """One jitted kernel per configuration. Every lightning layer of a model calls the same function object,
+    so JAX traces and lowers each kernel configuration once per program instead of once per layer (the
+    Mosaic GPU lowering is most of a train step's lowering time)."""
+    smem16 = lambda shape: plgpu.SMEM(shape, dtype, transforms=_transforms(dtype))  # noqa: E731
+    # float32 state buffer: 128-byte swizzled rows of 32 floats (TMA in/out, WGMMA-layout loads/stores).
+    smem32 = [] if lean else [plgpu.SMEM((Dy, BV), F32, transforms=_transforms(F32))]
+    tail = smem32 + [plgpu.SMEM((LAM_PAD,), F32), plgpu.Barrier(num_barriers=2)]
+    st_type = jax.ShapeDtypeStruct((B, H, P, Dy, Dz), F32)
+    if with_out:
+        out_slots = (C, BV) if lean else (2, C, BV)
+        scratch = [smem16((Dy, BV)), smem16((C, BV)), smem16(out_slots)] + tail
+        out_type = (jax.ShapeDtypeStruct((B, H, Tp, Dz), dtype), st_type)
+    else:
+        scratch = [smem16((C, BV))] + tail
+        out_type = (st_type,)
+    kern = functools.partial(_walk_kernel, T=T, C=C, L=L, seg0=seg0, BV=BV, Dy=Dy, steps=steps, dtype=dtype,
+                             reverse=reverse, with_out=with_out, docs=docs, interp=interpret, lean=lean,
+                             from_zero=from_zero)
+    kw = {"interpret": _interpret_params()} if interpret else {}
+    return jax.jit(plgpu.kernel(kern, out_type=out_type, scratch_types=scratch, grid=(B, H, Dz // BV, P),
+                                grid_names=("b", "h", "j", "s"), compiler_params=_compiler_params(), **kw))
+
+
 def _walk(x, y, z, lam, s0, *, T, C, reverse=False, BV=64, steps=2, with_out=True, docs=None, interpret=False,
           L=None, seg0=0, segments=None, lean=False):
     """Walks over the chunks of segments at once: segment p covers chunks [p L, (p + 1) L), the walk
@@ -282,33 +308,16 @@ def _walk(x, y, z, lam, s0, *, T, C, reverse=False, BV=64, steps=2, with_out=Tru
     BV = min(BV, Dz)
     if Dz % BV:
         raise ValueError(f"mosaic_gpu lightning kernel: the column tile BV={BV} must divide the head dim {Dz}")
-    dtype = y.dtype
-    smem16 = lambda shape: plgpu.SMEM(shape, dtype, transforms=_transforms(dtype))  # noqa: E731
-    # float32 state buffer: 128-byte swizzled rows of 32 floats (TMA in/out, WGMMA-layout loads/stores).
-    smem32 = [] if lean else [plgpu.SMEM((Dy, BV), F32, transforms=_transforms(F32))]
-    tail = smem32 + [plgpu.SMEM((LAM_PAD,), F32), plgpu.Barrier(num_barriers=2)]
-    st_type = jax.ShapeDtypeStruct((B, H, P, Dy, Dz), F32)
-    if with_out:
-        out_slots = (C, BV) if lean else (2, C, BV)
-        scratch = [smem16((Dy, BV)), smem16((C, BV)), smem16(out_slots)] + tail
-        out_type, args = (jax.ShapeDtypeStruct((B, H, Tp, Dz), dtype), st_type), (x, y, z)
-    else:
-        scratch = [smem16((C, BV))] + tail
-        out_type, args = (st_type,), (y, z)
     lam_rows = jnp.broadcast_to(lam.astype(F32)[:, None], (H, LAM_PAD))
+    args = (x, y, z) if with_out else (y, z)
     if docs is not None:
         args = (docs.first, docs.last) + args
     if s0 is not None:
         args = args + (s0.astype(F32),)
-    kern = functools.partial(_walk_kernel, T=T, C=C, L=L, seg0=seg0, BV=BV, Dy=Dy, steps=max(1, min(steps, L)),
-                             dtype=dtype, reverse=reverse, with_out=with_out, docs=docs is not None,
-                             interp=bool(interpret), lean=bool(lean), from_zero=s0 is None)
-    kw = {"interpret": _interpret_params()} if interpret else {}
-    res = plgpu.kernel(
-        kern, out_type=out_type, scratch_types=scratch,
-        grid=(B, H, Dz // BV, P), grid_names=("b", "h", "j", "s"),
-        compiler_params=_compiler_params(), **kw,
-    )(*args, lam_rows)
+    launch = _walk_launcher(B, H, Tp, Dy, Dz, P, jnp.dtype(y.dtype), T=T, C=C, L=L, seg0=seg0, BV=BV,
+                            steps=max(1, min(steps, L)), reverse=bool(reverse), with_out=bool(with_out),
+                            docs=docs is not None, interpret=bool(interpret), lean=bool(lean), from_zero=s0 is None)
+    res = launch(*args, lam_rows)
     return tuple(res) if with_out else (None, res[0])
 
 

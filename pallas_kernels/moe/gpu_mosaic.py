@@ -110,27 +110,11 @@ class _Tile:
         self.actual_size = actual_end - self.actual_start
 
 
-def gmm(lhs, rhs, group_sizes, *, transpose_rhs=False, block_m=128, block_n=128, block_k=64,
-        max_concurrent_steps=4, grid_block_n=1, interpret=False):
-    """``lhs [M, K] @ rhs[g] [K, N]`` per group (``rhs [G, N, K]`` with ``transpose_rhs``); out in
-    lhs's dtype, rows past ``sum(group_sizes)`` zero."""
-    if lhs.dtype != rhs.dtype:
-        raise ValueError(f"gmm: lhs and rhs must have one dtype, got {lhs.dtype} and {rhs.dtype}")
-    m, k = lhs.shape
-    g = rhs.shape[0]
-    n, k2 = (rhs.shape[1], rhs.shape[2]) if transpose_rhs else (rhs.shape[2], rhs.shape[1])
-    if k != k2:
-        raise ValueError(f"gmm: contraction sizes differ: lhs {lhs.shape}, rhs {rhs.shape} "
-                         f"(transpose_rhs={transpose_rhs})")
-    if group_sizes.shape != (g,):
-        raise ValueError(f"gmm: group_sizes has shape {group_sizes.shape}, expected ({g},)")
-    if k % block_k or n % block_n:
-        raise ValueError(f"gmm: K={k} must be a multiple of block_k={block_k} and N={n} of block_n={block_n}")
-    interp = bool(interpret)
-    if interp and not interpret_supported():
-        raise ValueError("gmm: this JAX has no Mosaic GPU interpreter")
-    gs = group_sizes.astype(I32)
-    sizes = jnp.concatenate([gs, jnp.reshape(m - jnp.sum(gs), (1,))])  # + the zero group
+@functools.lru_cache(maxsize=None)
+def _gmm_kernel(m, k, n, g, dtype, transpose_rhs, block_m, block_n, block_k, max_concurrent_steps, grid_block_n,
+                interp):
+    """The jitted gmm kernel of one configuration. The MoE layers of a model with the same shapes call the
+    same function object, so JAX lowers the kernel once per program, not once per layer."""
     grid_m = pl.cdiv(m, block_m) + g  # g + 1 groups: at most g tiles visited twice
     grid_n = pl.cdiv(n, block_n)
 
@@ -194,8 +178,34 @@ def gmm(lhs, rhs, group_sizes, *, transpose_rhs=False, block_m=128, block_n=128,
                 plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
     kw = {"interpret": _interpret_params()} if interp else {}
-    kernel = plgpu.kernel(body, out_type=jax.ShapeDtypeStruct((m, n), lhs.dtype), grid=(_num_sms(interp),),
+    kernel = plgpu.kernel(body, out_type=jax.ShapeDtypeStruct((m, n), dtype), grid=(_num_sms(interp),),
                           grid_names=("sm",), compiler_params=_compiler_params(), **kw)
+    return jax.jit(kernel)
+
+
+def gmm(lhs, rhs, group_sizes, *, transpose_rhs=False, block_m=128, block_n=128, block_k=64,
+        max_concurrent_steps=4, grid_block_n=1, interpret=False):
+    """``lhs [M, K] @ rhs[g] [K, N]`` per group (``rhs [G, N, K]`` with ``transpose_rhs``); out in
+    lhs's dtype, rows past ``sum(group_sizes)`` zero."""
+    if lhs.dtype != rhs.dtype:
+        raise ValueError(f"gmm: lhs and rhs must have one dtype, got {lhs.dtype} and {rhs.dtype}")
+    m, k = lhs.shape
+    g = rhs.shape[0]
+    n, k2 = (rhs.shape[1], rhs.shape[2]) if transpose_rhs else (rhs.shape[2], rhs.shape[1])
+    if k != k2:
+        raise ValueError(f"gmm: contraction sizes differ: lhs {lhs.shape}, rhs {rhs.shape} "
+                         f"(transpose_rhs={transpose_rhs})")
+    if group_sizes.shape != (g,):
+        raise ValueError(f"gmm: group_sizes has shape {group_sizes.shape}, expected ({g},)")
+    if k % block_k or n % block_n:
+        raise ValueError(f"gmm: K={k} must be a multiple of block_k={block_k} and N={n} of block_n={block_n}")
+    interp = bool(interpret)
+    if interp and not interpret_supported():
+        raise ValueError("gmm: this JAX has no Mosaic GPU interpreter")
+    gs = group_sizes.astype(I32)
+    sizes = jnp.concatenate([gs, jnp.reshape(m - jnp.sum(gs), (1,))])  # + the zero group
+    kernel = _gmm_kernel(m, k, n, g, jnp.dtype(lhs.dtype), bool(transpose_rhs), block_m, block_n, block_k,
+                         max_concurrent_steps, grid_block_n, interp)
     return kernel(sizes, lhs, rhs)
 
 
@@ -205,28 +215,12 @@ def _smem_transforms(minor: int, dtype):
     return plgpu.TilingTransform((8, swizzle * 8 // bits)), plgpu.SwizzleTransform(swizzle)
 
 
-def tgmm(lhs, rhs, group_sizes, *, out_dtype=F32, block_m=128, block_n=128, block_k=64,
-         max_concurrent_steps=4, grid_block_n=1, interpret=False):
-    """``lhs[rows of g]^T @ rhs[rows of g]`` per group: ``lhs [M, K]``, ``rhs [M, N]`` -> ``[G, K, N]``."""
-    if lhs.dtype != rhs.dtype:
-        raise ValueError(f"tgmm: lhs and rhs must have one dtype, got {lhs.dtype} and {rhs.dtype}")
-    rows, m = lhs.shape  # jax's names: the ragged (contracted) dim is "k", the output is [g, m, n]
-    rows2, n = rhs.shape
-    if rows != rows2:
-        raise ValueError(f"tgmm: lhs {lhs.shape} and rhs {rhs.shape} need the same number of rows")
-    if m % block_m or n % block_n:
-        raise ValueError(f"tgmm: K={m} must be a multiple of block_m={block_m} and N={n} of block_n={block_n}")
-    interp = bool(interpret)
-    if interp and not interpret_supported():
-        raise ValueError("tgmm: this JAX has no Mosaic GPU interpreter")
-    g = group_sizes.shape[0]
-    gs = group_sizes.astype(I32)
-    ends = jnp.cumsum(gs)
-    starts = ends - gs
-    block_starts = starts // block_k * block_k
-    num_blocks = (-(ends // -block_k) * block_k - block_starts) // block_k
-    in_lhs = _smem_transforms(block_m, lhs.dtype)
-    in_rhs = _smem_transforms(block_n, rhs.dtype)
+@functools.lru_cache(maxsize=None)
+def _tgmm_kernel(rows, m, n, g, lhs_dtype, rhs_dtype, out_dtype, block_m, block_n, block_k, max_concurrent_steps,
+                 grid_block_n, interp):
+    """The jitted tgmm kernel of one configuration (lowered once per program, as ``_gmm_kernel``)."""
+    in_lhs = _smem_transforms(block_m, lhs_dtype)
+    in_rhs = _smem_transforms(block_n, rhs_dtype)
     out_tf = _smem_transforms(block_n, out_dtype)
     grid_m = pl.cdiv(m, block_m)
     grid_n = pl.cdiv(n, block_n)
@@ -304,6 +298,31 @@ def tgmm(lhs, rhs, group_sizes, *, out_dtype=F32, block_m=128, block_n=128, bloc
     kw = {"interpret": _interpret_params()} if interp else {}
     kernel = plgpu.kernel(body, out_type=jax.ShapeDtypeStruct((g, m, n), out_dtype), grid=(_num_sms(interp),),
                           grid_names=("sm",), compiler_params=_compiler_params(), **kw)
+    return jax.jit(kernel)
+
+
+def tgmm(lhs, rhs, group_sizes, *, out_dtype=F32, block_m=128, block_n=128, block_k=64,
+         max_concurrent_steps=4, grid_block_n=1, interpret=False):
+    """``lhs[rows of g]^T @ rhs[rows of g]`` per group: ``lhs [M, K]``, ``rhs [M, N]`` -> ``[G, K, N]``."""
+    if lhs.dtype != rhs.dtype:
+        raise ValueError(f"tgmm: lhs and rhs must have one dtype, got {lhs.dtype} and {rhs.dtype}")
+    rows, m = lhs.shape  # jax's names: the ragged (contracted) dim is "k", the output is [g, m, n]
+    rows2, n = rhs.shape
+    if rows != rows2:
+        raise ValueError(f"tgmm: lhs {lhs.shape} and rhs {rhs.shape} need the same number of rows")
+    if m % block_m or n % block_n:
+        raise ValueError(f"tgmm: K={m} must be a multiple of block_m={block_m} and N={n} of block_n={block_n}")
+    interp = bool(interpret)
+    if interp and not interpret_supported():
+        raise ValueError("tgmm: this JAX has no Mosaic GPU interpreter")
+    g = group_sizes.shape[0]
+    gs = group_sizes.astype(I32)
+    ends = jnp.cumsum(gs)
+    starts = ends - gs
+    block_starts = starts // block_k * block_k
+    num_blocks = (-(ends // -block_k) * block_k - block_starts) // block_k
+    kernel = _tgmm_kernel(rows, m, n, g, jnp.dtype(lhs.dtype), jnp.dtype(rhs.dtype), jnp.dtype(out_dtype), block_m,
+                          block_n, block_k, max_concurrent_steps, grid_block_n, interp)
     return kernel(gs, starts.astype(I32), ends.astype(I32), num_blocks.astype(I32), block_starts.astype(I32),
                   lhs, rhs)
 
