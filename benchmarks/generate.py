@@ -10,9 +10,9 @@ not depend on what the cache holds), so batch 64 x 1M needs no 64M-token prefill
 batch) is allocated once at the largest context and its fill ``length`` set per context, so decoding
 compiles once per (model, batch). Prefill runs for real (batch 1 up to 1M tokens).
 
-Correctness of the GPU paths is checked first (``--no-check`` skips it): the Pallas cache-attention
-kernel and the packed-row flash path against the XLA blockwise path (bf16 and float32, odd lengths, left
-padding), and cached greedy generation against the full forward.
+Correctness of the GPU paths is checked first (``generate_checks.py``; ``--no-check`` skips it): the Pallas
+cache-attention kernel and the packed-row flash path against the XLA blockwise path (bf16 and float32, odd
+lengths, left padding), and cached greedy generation against the full forward.
 
     python benchmarks/generate.py --out OUT                  # one H200: everything, ~9 minutes at most
     python benchmarks/generate.py --quick --out /tmp/gen     # CPU smoke test (tiny model)
@@ -52,6 +52,8 @@ from m1_jax.dtypes import as_dtype  # noqa: E402
 from m1_jax.inference import Session, cache_bytes  # noqa: E402
 from m1_jax.model.cache import Cache, init_cache, layer_counts  # noqa: E402
 from m1_jax.model.moe.layer import DECODE_PRODUCTS, is_decode_shape, moe_forward  # noqa: E402
+
+from generate_checks import check_paths  # noqa: E402
 
 CONTEXTS = {"1K": 1 << 10, "8K": 1 << 13, "32K": 1 << 15, "128K": 1 << 17, "512K": 1 << 19, "1M": 1 << 20}
 T0 = time.perf_counter()
@@ -136,120 +138,6 @@ def mem_stats() -> dict:
     return {k: int(s[k]) for k in ("bytes_in_use", "peak_bytes_in_use", "bytes_limit") if k in s}
 
 
-# ------------------------------------------------------------------------------------- correctness (GPU paths)
-def check_paths(quick: bool, only: set | None = None) -> list[dict]:
-    """Each check in isolation (one failing never hides the others); ``only``: names to run."""
-    rows = []
-    for name, fn in (("cache_attention", check_cache_attention), ("flash_attention", check_flash_attention),
-                     ("generate", check_generate)):
-        if only and not any(o.startswith(name) for o in only):
-            continue
-        try:
-            fn(quick, rows, only)
-        except Exception as e:  # noqa: BLE001
-            rows.append(dict(check=name, error=f"{type(e).__name__}: {str(e)[:500]}", ok=False))
-            log(f"check {name} crashed: {rows[-1]['error']}")
-    return rows
-
-
-def check_cache_attention(quick, rows, only):
-    """The Pallas kernel against the XLA blockwise path (float32 math): decode, a short and a long chunk,
-    left padding, the stacked cache read at layer 1. ``only`` holding ``cache_attention_long``: the long
-    chunk only."""
-    from pallas_kernels.attention import cache_attention
-
-    interpret = jax.default_backend() == "cpu"
-    rng = np.random.default_rng(0)
-    D, N, K = (16 if quick else 128), 8, 2
-    shapes = ((3, 1, 1024), (3, 7, 1280), (2, 300, 2048))
-    if quick:
-        shapes = shapes[:2]
-    elif only and "cache_attention_long" in only:
-        shapes = shapes[2:]
-    for dtype in (jnp.bfloat16, jnp.float32):
-        for B, T, S in shapes:
-            row = dict(check="cache_attention", dtype=jnp.dtype(dtype).name, B=B, T=T, S=S)
-            try:
-                q = jnp.asarray(rng.standard_normal((B, T, N, D)), dtype)
-                kc = jnp.asarray(rng.standard_normal((2, B, K, S, D)), dtype)
-                vc = jnp.asarray(rng.standard_normal((2, B, K, S, D)), dtype)
-                q_start = int(rng.integers(0, S - T))
-                kv_start = jnp.asarray(rng.integers(0, q_start + T, B), jnp.int32).at[0].set(0)
-                kw = dict(q_start=q_start, kv_start=kv_start, layer=1)
-                got = cache_attention(q, kc, vc, backend="pallas_gpu", interpret=interpret, **kw)
-                ref = cache_attention(q.astype(jnp.float32), kc.astype(jnp.float32), vc.astype(jnp.float32),
-                                      backend="xla", **kw)
-                err = float(jnp.max(jnp.abs(got.astype(jnp.float32) - ref)) / jnp.max(jnp.abs(ref)))
-                row.update(rel_err=err, ok=err < (2e-2 if dtype == jnp.bfloat16 else 1e-4))
-            except Exception as e:  # noqa: BLE001
-                row.update(error=f"{type(e).__name__}: {str(e)[:300]}", ok=False)
-            rows.append(row)
-            log(f"check {row}")
-
-
-def check_flash_attention(quick, rows, only):
-    """Packed rows (training): values and gradients against the XLA blockwise path."""
-    from pallas_kernels.attention import flash_attention
-
-    rng = np.random.default_rng(1)
-    interpret = jax.default_backend() == "cpu"
-    D = 16 if quick else 128
-    B, T, N, K = (2, 37, 4, 2) if quick else (2, 1000, 8, 2)
-    seg = np.zeros((B, T), np.int32)
-    for b in range(B):
-        for cut in np.sort(rng.choice(np.arange(1, T), 3, replace=False)):
-            seg[b, cut:] += 1
-    seg = jnp.asarray(seg)
-    for dtype in (jnp.bfloat16,):
-        q = jnp.asarray(rng.standard_normal((B, T, N, D)), dtype)
-        k = jnp.asarray(rng.standard_normal((B, T, K, D)), dtype)
-        v = jnp.asarray(rng.standard_normal((B, T, K, D)), dtype)
-        w = jnp.asarray(rng.standard_normal((B, T, N, D)), jnp.float32)
-
-        def loss(q, k, v, backend):
-            o = flash_attention(q, k, v, segment_ids=seg, backend=backend,
-                                interpret=interpret and backend == "pallas_gpu")
-            return jnp.sum(o.astype(jnp.float32) * w)
-
-        f32 = lambda x: x.astype(jnp.float32)  # noqa: E731
-        got_v, got_g = jax.value_and_grad(loss, argnums=(0, 1, 2))(q, k, v, "pallas_gpu")
-        ref_v, ref_g = jax.value_and_grad(loss, argnums=(0, 1, 2))(f32(q), f32(k), f32(v), "xla")
-        o_got = flash_attention(q, k, v, segment_ids=seg, backend="pallas_gpu", interpret=interpret)
-        o_ref = flash_attention(f32(q), f32(k), f32(v), segment_ids=seg, backend="xla")
-        err = float(jnp.max(jnp.abs(f32(o_got) - o_ref)) / jnp.max(jnp.abs(o_ref)))
-        gerr = max(float(jnp.max(jnp.abs(f32(a) - b)) / jnp.max(jnp.abs(b))) for a, b in zip(got_g, ref_g))
-        rows.append(dict(check="flash_attention_packed", dtype=jnp.dtype(dtype).name, B=B, T=T, rel_err=err,
-                         grad_rel_err=gerr, ok=err < 2e-2 and gerr < 5e-2))
-        log(f"check flash_attention {rows[-1]}")
-
-
-def check_generate(quick, rows, only):
-    """The engine on this platform: cached greedy = full forward (float32 tiny model, reference lightning)."""
-    rng = np.random.default_rng(2)
-    c = ModelConfig.preset("tiny", num_hidden_layers=4, layer_types=(LINEAR, FULL) * 2, vocab_size=97,
-                           lightning_backend="reference", moe_impl="dense")
-    model = MiniMaxForCausalLM(c, rngs=nnx.Rngs(1))
-    lens = [13, 6, 1]
-    ids = np.zeros((3, 13), np.int32)
-    for r, n in enumerate(lens):
-        ids[r, 13 - n:] = rng.integers(0, 97, n)
-    from m1_jax import generate
-
-    toks, lps = generate(model, ids, max_new_tokens=9, lengths=lens)
-    toks2, _ = generate(model, ids, max_new_tokens=9, lengths=lens, prefill_chunk=5)
-    worst, same = 0.0, bool(np.array_equal(np.asarray(toks), np.asarray(toks2)))
-    for r, n in enumerate(lens):
-        seq = jnp.asarray([list(ids[r, 13 - n:]) + list(np.asarray(toks[r]))], jnp.int32)
-        logits = model(seq)[0, n - 1:-1]
-        same &= list(np.asarray(jnp.argmax(logits, -1))) == list(np.asarray(toks[r]))
-        ref = jax.nn.log_softmax(logits)[jnp.arange(9), jnp.asarray(toks[r])]
-        worst = max(worst, float(jnp.max(jnp.abs(ref - lps[r]))))
-    rows.append(dict(check="generate_vs_full_forward_f32", tokens_equal=same, logprob_abs_err=worst,
-                     ok=same and worst < 1e-4))
-    log(f"check generate {rows[-1]}")
-
-
-# ------------------------------------------------------------------------------------- timing
 def fill_random_cache(c: ModelConfig, B: int, S: int, seed: int) -> Cache:
     """A cache of ``S`` slots holding random keys, values and states (one random block of slots tiled)."""
     n_lin, n_full = layer_counts(c)
@@ -568,7 +456,7 @@ def main(argv=None) -> int:
     checks = []
     if not args.no_check:
         try:
-            checks = check_paths(quick, set(args.checks.split(",")) if args.checks else None)
+            checks = check_paths(quick, set(args.checks.split(",")) if args.checks else None, log)
         except Exception as e:  # noqa: BLE001
             checks = [dict(check="crashed", error=f"{type(e).__name__}: {e}", trace=traceback.format_exc()[-3000:], ok=False)]
             log(f"checks crashed: {e}")

@@ -157,50 +157,63 @@ def to_torch(x, dtype=None):
     return t.to(dtype) if dtype is not None else t
 
 
-def fla_run(x, state=True):
-    """Returns (o [B,H,T,D] float32 numpy, ht or None, t_fwd ms, t_fwdbwd ms); ``state``: with the initial
-    state and a final-state cotangent of ones, else neither (training)."""
+def fla_callables(x, state, dht=None):
+    """fla's ``chunk_simple_gla`` on the inputs of ``x`` (``[B, H, T, D]`` arrays; bf16 ``[B, T, H, D]`` in
+    torch): ``fwd()`` and ``fb()`` (forward + backward with ``dO``; with ``state`` also the initial state and
+    the final-state cotangent ``dht``, default ones)."""
     import torch
     from fla.ops.simple_gla import chunk_simple_gla
-    fla_clear_autotune()
     bf = torch.bfloat16
-    tr = lambda z: to_torch(z, bf).transpose(1, 2).contiguous()  # [B, T, H, D]
+    tr = lambda z: to_torch(z, bf).transpose(1, 2).contiguous()  # noqa: E731  [B, T, H, D]
     q, k, v, do = tr(x["q"]), tr(x["k"]), tr(x["v"]), tr(x["do"])
     g = -to_torch(x["decay"])
     h0 = to_torch(x["h0"]) if state else None
+    qg, kg, vg = (t.detach().clone().requires_grad_(True) for t in (q, k, v))
+    h0g = h0.clone().requires_grad_(True) if state else None
 
     def fwd():
         return chunk_simple_gla(q, k, v, g_gamma=g, scale=1.0, initial_state=h0, output_final_state=state)
 
-    o, ht = fwd()
-    qg, kg, vg = (t.detach().clone().requires_grad_(True) for t in (q, k, v))
-    h0g = h0.clone().requires_grad_(True) if state else None
-
     def fb():
         o, ht = chunk_simple_gla(qg, kg, vg, g_gamma=g, scale=1.0, initial_state=h0g, output_final_state=state)
         if state:
-            torch.autograd.backward((o, ht), (do, torch.ones_like(ht)))
+            torch.autograd.backward((o, ht), (do, torch.ones_like(ht) if dht is None else dht))
         else:
             torch.autograd.backward(o, do)
 
-    def bench(fn):
-        fn()
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        fn()
-        torch.cuda.synchronize()
-        one = time.perf_counter() - t0
-        n = int(max(3, min(200, 0.3 / max(one, 1e-6))))
+    return fwd, fb
+
+
+def torch_time_ms(fn, *, target_s, max_n, repeats=1):
+    """Median over ``repeats`` of back-to-back loops of ``fn`` lasting about ``target_s`` (CUDA events, ms
+    per call); ``fn`` is run once first."""
+    import torch
+    fn()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    fn()
+    torch.cuda.synchronize()
+    n = int(max(3, min(max_n, target_s / max(time.perf_counter() - t0, 1e-6))))
+    res = []
+    for _ in range(repeats):
         s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         s.record()
         for _ in range(n):
             fn()
         e.record()
         torch.cuda.synchronize()
-        return s.elapsed_time(e) / n
+        res.append(s.elapsed_time(e) / n)
+    return float(np.median(res))
 
-    t_f = bench(fwd)
-    t_b = bench(fb)
+
+def fla_run(x, state=True):
+    """Returns (o [B,H,T,D] float32 numpy, ht or None, t_fwd ms, t_fwdbwd ms); ``state``: with the initial
+    state and a final-state cotangent of ones, else neither (training)."""
+    fla_clear_autotune()
+    fwd, fb = fla_callables(x, state)
+    o, ht = fwd()
+    t_f = torch_time_ms(fwd, target_s=0.3, max_n=200)
+    t_b = torch_time_ms(fb, target_s=0.3, max_n=200)
     o_np = o.float().transpose(1, 2).cpu().numpy()
     return o_np, (ht.float().cpu().numpy() if state else None), t_f, t_b
 

@@ -94,57 +94,20 @@ def run_time(task, lock):
 
 def run_fla(task, lock):
     import torch
-    from fla.ops.simple_gla import chunk_simple_gla
     sys.path.insert(0, HERE)
     import lightning_bench as la
     B, H, T, D = task["shape"]
     state = task["setting"] == "state"
     x = _inputs(B, H, T, D, seed=0, h0=state)
     la.fla_clear_autotune()
-    bf = torch.bfloat16
-    tr = lambda z: la.to_torch(z, bf).transpose(1, 2).contiguous()  # noqa: E731  [B, T, H, D]
-    q, k, v, do = tr(x["q"]), tr(x["k"]), tr(x["v"]), tr(x["do"])
-    g = -la.to_torch(x["decay"])
-    h0 = la.to_torch(x["h0"]) if state else None
-    dht = la.to_torch(x["dht"]) if state else None
-    qg, kg, vg = (t.detach().clone().requires_grad_(True) for t in (q, k, v))
-    h0g = h0.clone().requires_grad_(True) if state else None
-
-    def fwd():
-        return chunk_simple_gla(q, k, v, g_gamma=g, scale=1.0, initial_state=h0, output_final_state=state)
-
-    def fb():
-        o, ht = chunk_simple_gla(qg, kg, vg, g_gamma=g, scale=1.0, initial_state=h0g, output_final_state=state)
-        if state:
-            torch.autograd.backward((o, ht), (do, dht))
-        else:
-            torch.autograd.backward(o, do)
-
-    def bench(fn):
-        fn()
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        fn()
-        torch.cuda.synchronize()
-        n = int(max(3, min(300, 0.04 / max(time.perf_counter() - t0, 1e-6))))
-        res = []
-        for _ in range(5):
-            s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            s.record()
-            for _ in range(n):
-                fn()
-            e.record()
-            torch.cuda.synchronize()
-            res.append(s.elapsed_time(e) / n)
-        return float(np.median(res))
-
+    fwd, fb = la.fla_callables(x, state, dht=la.to_torch(x["dht"]) if state else None)
     t0 = time.perf_counter()
     with lock:  # Triton's autotuning times candidates on the GPU: it must not overlap anyone's timing
         fwd()
         fb()
         torch.cuda.synchronize()
         tune_s = time.perf_counter() - t0
-        tf, tb = bench(fwd), bench(fb)
+        tf, tb = (la.torch_time_ms(f, target_s=0.04, max_n=300, repeats=5) for f in (fwd, fb))
     return dict(fwd=tf, fwdbwd=tb, tune_s=tune_s)
 
 

@@ -110,6 +110,13 @@ class _Tile:
         self.actual_size = actual_end - self.actual_start
 
 
+def _persistent_kernel(body, out_type, interp):
+    """``body`` as a jitted kernel of one program per SM (the persistent tile loop of gmm and tgmm)."""
+    kw = {"interpret": _interpret_params()} if interp else {}
+    return jax.jit(plgpu.kernel(body, out_type=out_type, grid=(_num_sms(interp),), grid_names=("sm",),
+                                compiler_params=_compiler_params(), **kw))
+
+
 @functools.lru_cache(maxsize=None)
 def _gmm_kernel(m, k, n, g, dtype, transpose_rhs, block_m, block_n, block_k, max_concurrent_steps, grid_block_n,
                 interp):
@@ -177,10 +184,7 @@ def _gmm_kernel(m, k, n, g, dtype, transpose_rhs, block_m, block_n, block_k, max
                     smem_start += t.actual_size & rows
                 plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
-    kw = {"interpret": _interpret_params()} if interp else {}
-    kernel = plgpu.kernel(body, out_type=jax.ShapeDtypeStruct((m, n), dtype), grid=(_num_sms(interp),),
-                          grid_names=("sm",), compiler_params=_compiler_params(), **kw)
-    return jax.jit(kernel)
+    return _persistent_kernel(body, jax.ShapeDtypeStruct((m, n), dtype), interp)
 
 
 def gmm(lhs, rhs, group_sizes, *, transpose_rhs=False, block_m=128, block_n=128, block_k=64,
@@ -295,10 +299,7 @@ def _tgmm_kernel(rows, m, n, g, lhs_dtype, rhs_dtype, out_dtype, block_m, block_
                                                           pl.ds(ni * block_n, block_n)])
                 plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
-    kw = {"interpret": _interpret_params()} if interp else {}
-    kernel = plgpu.kernel(body, out_type=jax.ShapeDtypeStruct((g, m, n), out_dtype), grid=(_num_sms(interp),),
-                          grid_names=("sm",), compiler_params=_compiler_params(), **kw)
-    return jax.jit(kernel)
+    return _persistent_kernel(body, jax.ShapeDtypeStruct((g, m, n), out_dtype), interp)
 
 
 def tgmm(lhs, rhs, group_sizes, *, out_dtype=F32, block_m=128, block_n=128, block_k=64,
