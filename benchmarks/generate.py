@@ -51,6 +51,7 @@ from m1_jax.config import FULL, LINEAR  # noqa: E402
 from m1_jax.dtypes import as_dtype  # noqa: E402
 from m1_jax.inference import Session, cache_bytes  # noqa: E402
 from m1_jax.model.cache import Cache, init_cache, layer_counts  # noqa: E402
+from m1_jax.model.compute_weights import cast_to_compute_dtype  # noqa: E402
 from m1_jax.model.moe.layer import DECODE_PRODUCTS, is_decode_shape, moe_forward  # noqa: E402
 
 from generate_checks import check_paths  # noqa: E402
@@ -79,8 +80,8 @@ def label(n: int) -> str:
 
 
 # ------------------------------------------------------------------------------------- configs and floor
-def configs(quick: bool, moe_impl: str | None = None) -> dict[str, ModelConfig]:
-    """The hybrid and its softmax-only twin; ``moe_impl`` replaces the preset's MoE implementation."""
+def configs(quick: bool, moe_impl: str | None = None, param_dtype: str | None = None) -> dict[str, ModelConfig]:
+    """The hybrid and its softmax-only twin; ``moe_impl`` and ``param_dtype`` replace the preset's."""
     if quick:
         base = ModelConfig.preset("tiny", num_hidden_layers=4, layer_types=(LINEAR, FULL) * 2, moe_impl="dense",
                                   max_position_embeddings=1 << 16)
@@ -88,6 +89,8 @@ def configs(quick: bool, moe_impl: str | None = None) -> dict[str, ModelConfig]:
         base = ModelConfig.preset("small", param_dtype="bfloat16", dtype="bfloat16", max_position_embeddings=1 << 21)
     if moe_impl:
         base = base.replace(moe_impl=moe_impl)
+    if param_dtype:
+        base = base.replace(param_dtype=param_dtype)
     return {"hybrid": base, "twin": base.replace(layer_types=(FULL,) * base.num_hidden_layers)}
 
 
@@ -96,9 +99,12 @@ def expected_experts(E: int, picks: int) -> float:
     return E * (1.0 - (1.0 - 1.0 / E) ** picks)
 
 
-def floor_bytes(c: ModelConfig, batch: int, context: int) -> dict[str, float]:
-    """Bytes one decode step must read (each once): weights it uses, states (read + written), KV cache."""
-    w = np.dtype(as_dtype(c.param_dtype)).itemsize
+def floor_bytes(c: ModelConfig, batch: int, context: int, cast_weights: bool = True) -> dict[str, float]:
+    """Bytes one decode step must read (each once): weights it uses, states (read + written), KV cache.
+    ``cast_weights``: the engine holds the weights in ``c.dtype`` where the parameters are wider (the LM
+    head keeps its dtype: it runs in float32)."""
+    head_w = np.dtype(as_dtype(c.param_dtype)).itemsize
+    w = min(head_w, np.dtype(as_dtype(c.dtype)).itemsize) if cast_weights else head_w
     H, N, K, D, I, E = (c.hidden_size, c.num_attention_heads, c.num_key_value_heads, c.head_dim,
                         c.intermediate_size, c.num_local_experts)
     n_lin, n_full = layer_counts(c)
@@ -106,7 +112,7 @@ def floor_bytes(c: ModelConfig, batch: int, context: int) -> dict[str, float]:
     softmax_w = (H * N * D + 2 * H * K * D + N * D * H) * w
     experts = c.num_hidden_layers * expected_experts(E, batch * c.num_experts_per_tok) * 3 * H * I * w
     router = c.num_hidden_layers * H * E * 4
-    head = c.vocab_size * H * w
+    head = c.vocab_size * H * head_w
     states = 2 * n_lin * batch * N * D * D * 4
     kv = n_full * 2 * batch * context * K * D * np.dtype(as_dtype(c.dtype)).itemsize
     parts = dict(attention_weights=n_lin * lightning_w + n_full * softmax_w, experts=experts, router=router,
@@ -169,13 +175,13 @@ class Budget:
         return self.end - time.perf_counter()
 
 
-def run_decode(name, model, c, B, contexts, steps, repeats, bw, budget, rows, save):
+def run_decode(name, model, c, B, contexts, steps, repeats, bw, budget, rows, save, cast_weights=True):
     slots = -(-(max(contexts) + (repeats + 2) * steps + 8) // 256) * 256
     need = cache_bytes(c, slots, B)
     log(f"decode {name} B={B}: cache of {slots} slots, {need / 2**30:.1f} GiB")
     try:
         cache = fill_random_cache(c, B, slots, seed=B)
-        sess = Session(model, np.ones((B, 1), np.int32), max_new_tokens=steps, slots=slots)
+        sess = Session(model, np.ones((B, 1), np.int32), max_new_tokens=steps, slots=slots, cast_weights=cast_weights)
         logits = jax.random.normal(jax.random.key(0), (B, c.vocab_size), jnp.float32)
         cache = jax.block_until_ready(cache)
     except Exception as e:  # noqa: BLE001  (out of memory: report and go on)
@@ -204,7 +210,7 @@ def run_decode(name, model, c, B, contexts, steps, repeats, bw, budget, rows, sa
             log(f"  {label(ctx)} failed: {rows[-1]['error']}")
             save()
             return
-        fb = floor_bytes(c, B, ctx)
+        fb = floor_bytes(c, B, ctx, cast_weights)
         ms = 1e3 * float(np.median(times[1:]))
         floor_ms = 1e3 * fb["total"] / bw
         rows.append(dict(kind="decode", model=name, batch=B, context=ctx, ms_per_token=ms, floor_ms=floor_ms,
@@ -216,7 +222,7 @@ def run_decode(name, model, c, B, contexts, steps, repeats, bw, budget, rows, sa
     del cache, sess
 
 
-def run_prefill(name, model, c, B, contexts, chunk, budget, rows, save):
+def run_prefill(name, model, c, B, contexts, chunk, budget, rows, save, cast_weights=True):
     slots = -(-(max(contexts) + 64) // 256) * 256
     rng = np.random.default_rng(B)
     for ctx in sorted(contexts):
@@ -228,7 +234,7 @@ def run_prefill(name, model, c, B, contexts, chunk, budget, rows, save):
             reps = 1 if B * ctx >= (1 << 19) else 3
             ts, compile_s = [], 0.0
             for _ in range(reps):
-                sess = Session(model, ids, max_new_tokens=1, prefill_chunk=chunk, slots=slots)
+                sess = Session(model, ids, max_new_tokens=1, prefill_chunk=chunk, slots=slots, cast_weights=cast_weights)
                 sess.prefill()
                 compile_s += sess.timings["compile_s"]
                 ts.append(sess.timings["prefill_s"])
@@ -245,30 +251,35 @@ def run_prefill(name, model, c, B, contexts, chunk, budget, rows, save):
         save()
 
 
-def run_breakdown(name, model, c, B, rows, save, iters=50):
+def run_breakdown(name, model, c, B, rows, save, iters=50, cast_weights=True):
     """Where a decode step goes: the MoE of every layer alone, and the final norm + LM head + argmax alone,
-    each at decode shapes ([B, 1, hidden]) inside a ``fori_loop`` like the decode loop (ms per step)."""
+    each at decode shapes ([B, 1, hidden]) inside a ``fori_loop`` like the decode loop (ms per step), on
+    the weights as the engine holds them (``cast_weights``)."""
     graphdef, state = nnx.split(model.blocks)
+    if cast_weights:
+        state = cast_to_compute_dtype(state, c)
     x0 = jax.random.normal(jax.random.key(3), (B, 1, c.hidden_size), jnp.float32).astype(as_dtype(c.dtype))
 
-    def moe_all(state, x, products=None, impl="gmm"):
+    def moe_all(state, x, **call):
         def one_step(i, x):
             def body(h, st):
                 block = nnx.merge(graphdef, st)
                 for layer in block.layers:
                     m = layer.block_sparse_moe
-                    if products is None:  # the model's own call; else moe_forward with impl and decode products
+                    if not call:  # the model's own call; else moe_forward with these settings
                         y = m(h)[0]
                     else:
-                        y = moe_forward(h, m.gate.value, m.w1.value, m.w3.value, m.w2.value, impl=impl,
-                                        top_k=c.num_experts_per_tok, backend=c.moe_backend,
-                                        decode_products=products)[0]
+                        kw = dict(dict(impl="gmm", decode_products="batched", fuse=None), **call)
+                        y = moe_forward(h, m.gate.value, m.w1.value, m.w3.value, m.w2.value,
+                                        top_k=c.num_experts_per_tok, backend=c.moe_backend, **kw)[0]
                     h = h + 0.01 * y
                 return h, None
             return jax.lax.scan(body, x, state)[0]
         return jax.lax.fori_loop(0, iters, one_step, x)
 
     head_g, head_s = nnx.split(model)
+    if cast_weights:
+        head_s = cast_to_compute_dtype(head_s, c)
 
     def head(st, x):
         m = nnx.merge(head_g, st)
@@ -280,11 +291,16 @@ def run_breakdown(name, model, c, B, rows, save, iters=50):
         return jax.lax.fori_loop(0, iters, one_step, (x, jnp.zeros((B,), jnp.int32)))
 
     out = {}
-    # "dense": every expert on every token; at a few tokens it reads the same weights as the routed experts'
+    # "dense": every expert on every token; at a few tokens it reads the same weights as the routed experts'.
+    # "_concat": gate and up as one product over w1 and w3 concatenated in every step (a copy of both
+    # weights; what the model did before the fusion rule of m1_jax.model.moe.experts.fuse_gate_up).
     parts = [("moe_all_layers", moe_all, (state, x0)), ("norm_lm_head_argmax", head, (head_s, x0)),
-             ("moe_all_layers_dense", functools.partial(moe_all, products="batched", impl="dense"), (state, x0))]
+             ("moe_all_layers_concat", functools.partial(moe_all, fuse=True), (state, x0)),
+             ("moe_all_layers_dense", functools.partial(moe_all, impl="dense"), (state, x0)),
+             ("moe_all_layers_dense_concat", functools.partial(moe_all, impl="dense", fuse=True), (state, x0))]
     if is_decode_shape(B, c.num_experts_per_tok, c.num_local_experts):  # both decode-shape expert products
-        parts += [(f"moe_all_layers_{p}", functools.partial(moe_all, products=p), (state, x0)) for p in DECODE_PRODUCTS]
+        parts += [(f"moe_all_layers_{p}", functools.partial(moe_all, decode_products=p), (state, x0))
+                  for p in DECODE_PRODUCTS]
     for part, fn, args in parts:
         try:
             f = jax.jit(fn).lower(*args).compile()
@@ -385,6 +401,10 @@ def run_variant(args, steps, repeats, budget_s):
         cmd += ["--breakdown"]
     if args.moe_impl:
         cmd += ["--moe-impl", args.moe_impl]
+    if args.param_dtype:
+        cmd += ["--param-dtype", args.param_dtype]
+    if args.no_cast_weights:
+        cmd += ["--no-cast-weights"]
     log(f"variant: XLA_FLAGS={env['XLA_FLAGS']}")
     try:
         r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=max(20.0, budget_s))
@@ -419,6 +439,10 @@ def main(argv=None) -> int:
     ap.add_argument("--breakdown", action="store_true", help="time the MoE (the model's, every expert densely, and "
                     "at decode shapes both expert products) and the LM head alone at decode shapes")
     ap.add_argument("--moe-impl", default=None, help="ModelConfig.moe_impl of both models (default: the preset's)")
+    ap.add_argument("--param-dtype", default=None, choices=("float32", "bfloat16"),
+                    help="parameter dtype (default bfloat16; float32 is a training checkpoint or the RL policy)")
+    ap.add_argument("--no-cast-weights", action="store_true",
+                    help="keep wider parameters as they are (Session(cast_weights=False)): every step casts them")
     ap.add_argument("--variant-flags", default=None,
                     help="also run hybrid decode (batch 1 and the largest, --variant-contexts) in a subprocess "
                          "with these XLA_FLAGS, e.g. --xla_gpu_enable_command_buffer=...")
@@ -471,8 +495,9 @@ def main(argv=None) -> int:
         with open(os.path.join(args.out, "generate.json"), "w") as f:
             json.dump(dict(meta=meta, checks=checks, rows=rows), f, indent=1, default=str)
 
-    cfgs = configs(quick, args.moe_impl)
-    meta["moe_impl"] = cfgs["hybrid"].moe_impl
+    cfgs = configs(quick, args.moe_impl, args.param_dtype)
+    cast = not args.no_cast_weights
+    meta.update(moe_impl=cfgs["hybrid"].moe_impl, param_dtype=cfgs["hybrid"].param_dtype, cast_weights=cast)
     names = [m for m in ("hybrid", "twin") if m in args.models.split(",")]
     # per model: decode at every batch (one compile per batch), then the real prefills
     for name in names:
@@ -486,9 +511,9 @@ def main(argv=None) -> int:
                 rows.append(dict(kind="decode", model=name, batch=B, context=x,
                                  error=f"not run: KV cache {cache_bytes(c, x, B) / 2**30:.0f} GiB"))
             if ctxs:
-                run_decode(name, model, c, B, ctxs, steps, repeats, bw, budget, rows, save)
+                run_decode(name, model, c, B, ctxs, steps, repeats, bw, budget, rows, save, cast)
             if args.breakdown and name == "hybrid" and budget.left() > 30:
-                run_breakdown(name, model, c, B, rows, save)
+                run_breakdown(name, model, c, B, rows, save, cast_weights=cast)
         pb = None if args.prefill_batches is None else {int(b) for b in args.prefill_batches.split(",")}
         for B in batches:
             limit = args.prefill_tokens if name == "hybrid" else min(args.prefill_tokens, args.twin_prefill_max)
@@ -496,7 +521,7 @@ def main(argv=None) -> int:
             pctx = [] if args.no_prefill or (pb is not None and B not in pb) else [x for x in pcs if B * x <= limit]
             if pctx and budget.left() > 20:
                 chunk = args.prefill_chunk or (max(16, min(8192, (1 << 14) // B)) if not quick else 32)
-                run_prefill(name, model, c, B, pctx, chunk, budget, rows, save)
+                run_prefill(name, model, c, B, pctx, chunk, budget, rows, save, cast)
         del model
     rows += variant_rows
     save()

@@ -16,6 +16,7 @@ compiled ahead of time per bucket (``m1_jax.inference.compiled``):
 
 from __future__ import annotations
 
+import functools
 import time
 from typing import Iterator, NamedTuple, Sequence
 
@@ -29,6 +30,7 @@ from m1_jax.inference.checks import check_request
 from m1_jax.inference.sampling import SamplingMode, sample_token
 from m1_jax.inference.sizes import default_prefill_chunk, new_tokens_bucket, prompt_bucket, slots_bucket
 from m1_jax.model.cache import Cache, init_cache
+from m1_jax.model.compute_weights import cast_to_compute_dtype, needs_cast
 
 
 class Settings(NamedTuple):
@@ -123,12 +125,16 @@ class Session:
     ``prompt_tokens`` (real ones) and ``generated_tokens``.
 
     ``slots`` overrides the bucketed cache size (at least the bucketed prompt plus ``max_new_tokens``).
+    ``cast_weights``: weights stored wider than ``config.dtype`` (float32 master weights) are cast to it
+    once, here, instead of in every step (``m1_jax.model.compute_weights``; same results, half the weight
+    bytes per decode step, and a 16-bit copy of the weights held while the session lives).
     """
 
     def __init__(self, model, input_ids, *, max_new_tokens: int, lengths=None, temperature: float = 0.0,
                  top_k: int | None = None, top_p: float | None = None, seed: int = 0,
                  stop_tokens: Sequence[int] = (), prefill_chunk: int | None = None,
-                 certain_stop: tuple[int, float] | None = None, slots: int | None = None):
+                 certain_stop: tuple[int, float] | None = None, slots: int | None = None,
+                 cast_weights: bool = True):
         c = model.config
         ids, lens, stops, certain = check_request(
             c, input_ids, max_new_tokens=max_new_tokens, lengths=lengths, temperature=temperature, top_k=top_k,
@@ -163,6 +169,9 @@ class Session:
         self.executables: dict = {}
         self.timings = dict(compile_s=0.0, prefill_s=0.0, decode_s=0.0, prompt_tokens=self.real_prompt_tokens,
                             generated_tokens=0)
+        if cast_weights and needs_cast(self.params, c):  # float32 master weights: cast once, not every step
+            cast = self._exe("cast_weights", c, functools.partial(cast_to_compute_dtype, config=c), (self.params,))
+            self.params = cast(self.params)
 
     # -- compiled pieces (AOT, cached per bucket)
     def _exe(self, name, static, fn, args, donate=()):
@@ -240,7 +249,7 @@ class Session:
 def generate(model, input_ids, *, max_new_tokens: int, lengths=None, temperature: float = 0.0,
              top_k: int | None = None, top_p: float | None = None, seed: int = 0, stop_tokens: Sequence[int] = (),
              prefill_chunk: int | None = None, return_lengths: bool = False,
-             certain_stop: tuple[int, float] | None = None):
+             certain_stop: tuple[int, float] | None = None, cast_weights: bool = True):
     """Generate up to ``max_new_tokens`` after left-padded prompts, on the device.
 
     Args:
@@ -258,6 +267,9 @@ def generate(model, input_ids, *, max_new_tokens: int, lengths=None, temperature
       certain_stop: ``(n, p)``: a row is also done once its last ``n`` sampled tokens each had probability
         ``>= p`` under the model (the M1 recipe's stop for repetitive rollouts); rows stopped early are
         padded like rows that hit a stop token.
+      cast_weights: weights stored wider than ``config.dtype`` (float32 master weights with bfloat16
+        compute) are cast to it once before generating instead of in every step; the results are the same
+        (see :class:`Session`). False saves the 16-bit copy's memory.
 
     Returns:
       ``(tokens [B, max_new_tokens] int32, logprobs [B, max_new_tokens] float32)``, plus ``lengths`` with
@@ -267,7 +279,7 @@ def generate(model, input_ids, *, max_new_tokens: int, lengths=None, temperature
     """
     session = Session(model, input_ids, max_new_tokens=max_new_tokens, lengths=lengths, temperature=temperature,
                       top_k=top_k, top_p=top_p, seed=seed, stop_tokens=stop_tokens, prefill_chunk=prefill_chunk,
-                      certain_stop=certain_stop)
+                      certain_stop=certain_stop, cast_weights=cast_weights)
     session.prefill()
     session.decode()
     tokens, logprobs, lens = session.result()

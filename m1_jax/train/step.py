@@ -22,6 +22,7 @@ from flax import nnx
 import sharding
 from m1_jax.config import ModelConfig
 from m1_jax.model import MiniMaxForCausalLM, abstract_model, load_balancing_loss  # noqa: F401 (abstract_model: callers use step.abstract_model)
+from m1_jax.model.compute_weights import cast_params
 from m1_jax.train.loss import chunked_cross_entropy
 from m1_jax.train.optimizer import global_norm
 
@@ -72,15 +73,7 @@ def cast_params_once(params, dtype: str, *, keep_head: bool):
     ``cast_params`` alternative to each layer casting its float32 weights at every use). The router
     stays float32, and the LM head when the head runs in float32; gradients flow back through the
     cast to the float32 master weights."""
-    dt = jnp.dtype(dtype)
-
-    def one(path, x):
-        keys = {getattr(k, "key", None) for k in path}
-        if "gate" in keys or (keep_head and "lm_head" in keys) or not jnp.issubdtype(x.dtype, jnp.floating):
-            return x
-        return x.astype(dt)
-
-    return jax.tree_util.tree_map_with_path(one, params)
+    return cast_params(params, dtype, keep_head=keep_head)
 
 
 def _split_microbatches(batch, n: int):

@@ -39,7 +39,7 @@ def test_rows_of_every_kind(result):
     # batch 1 is a decode shape of the MoE: both expert products are timed beside the model's own call
     b1 = next(r for r in rows if r["kind"] == "breakdown" and r["batch"] == 1)
     for key in ("moe_all_layers_ms", "moe_all_layers_grouped_ms", "moe_all_layers_batched_ms", "moe_all_layers_dense_ms",
-                "norm_lm_head_argmax_ms"):
+                "moe_all_layers_concat_ms", "moe_all_layers_dense_concat_ms", "norm_lm_head_argmax_ms"):
         assert isinstance(b1[key], float) and b1[key] > 0, (key, b1)
     b2 = next(r for r in rows if r["kind"] == "breakdown" and r["batch"] == 2)  # not a decode shape: no products
     assert "moe_all_layers_dense_ms" in b2 and "moe_all_layers_batched_ms" not in b2
@@ -64,3 +64,12 @@ def test_floor_bytes_follow_their_formula():
     assert fb["kv_cache"] == cache_bytes(c, S, B) - states
     assert fb["total"] == pytest.approx(sum(v for k, v in fb.items() if k != "total"))
     assert bench.floor_bytes(c, B, 2 * S)["total"] - fb["total"] == pytest.approx(cache_bytes(c, S, B) - states)
+
+
+def test_floor_reads_cast_weights_in_the_compute_dtype():
+    """float32 parameters with bfloat16 compute: the engine casts the weights once (the floor reads them in
+    bfloat16) except the float32 LM head; without the cast every weight is read in float32."""
+    c = bench.configs(True, param_dtype="float32")["hybrid"].replace(dtype="bfloat16")
+    cast, plain = bench.floor_bytes(c, 2, 100), bench.floor_bytes(c, 2, 100, cast_weights=False)
+    assert cast["experts"] * 2 == plain["experts"] and cast["attention_weights"] * 2 == plain["attention_weights"]
+    assert cast["lm_head"] == plain["lm_head"] == c.vocab_size * c.hidden_size * 4

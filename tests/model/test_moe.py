@@ -3,6 +3,7 @@ gradients against an autodiffed per-expert loop written here), the decode path's
 load-balancing loss against its formula, and a short training run on the old and the new MoE path."""
 
 import jax
+import jax.extend.core
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -11,6 +12,7 @@ from flax import nnx
 from m1_jax import ModelConfig
 from m1_jax.model import MoE, load_balancing_loss
 from m1_jax.model.moe import RouterStats, layer as moe_layer, route
+from m1_jax.model.moe.experts import fuse_gate_up
 
 F32 = jnp.float32
 
@@ -43,6 +45,19 @@ def loop_jnp(x, gate, w1, w3, w2, top_k):
         h = jax.nn.silu(jnp.dot(xf, w1[e], precision="highest")) * jnp.dot(xf, w3[e], precision="highest")
         out = out + coef[:, None] * jnp.dot(h, w2[e], precision="highest")
     return out.reshape(x.shape)
+
+
+def assert_matches_loop(fn, x, gate, ws, k, key):
+    """``fn(x, gate, w1, w3, w2)``: values against the float64 loop, gradients (x and the experts) against
+    the autodiffed jnp loop, for a random output cotangent."""
+    ref, _ = per_expert_loop(np.asarray(x), *(np.asarray(a, np.float64) for a in (gate, *ws)), k)
+    y = np.asarray(jax.jit(fn)(x, gate, *ws), np.float64).reshape(ref.shape)
+    np.testing.assert_allclose(y, ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max())
+    ct = jax.random.normal(key, x.shape)
+    g = jax.jit(jax.grad(lambda *a: jnp.sum(fn(*a) * ct), argnums=(0, 2, 3, 4)))(x, gate, *ws)
+    g0 = jax.jit(jax.grad(lambda *a: jnp.sum(loop_jnp(*a, k) * ct), argnums=(0, 2, 3, 4)))(x, gate, *ws)
+    for a, b in zip(g, g0):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-4, atol=2e-5 * float(jnp.abs(b).max()))
 
 
 CASES = [("gmm", 4, 2), ("auto", 5, 3), ("ragged", 8, 2), ("dense", 4, 2), ("ep_capacity", 6, 1)]
@@ -118,16 +133,54 @@ def test_decode_products_match_per_expert_loop(products):
     gate = jax.random.normal(kk[1], (H, E))
     ws = [0.3 * jax.random.normal(kk[2 + j], s) for j, s in enumerate([(E, H, I), (E, H, I), (E, I, H)])]
     fn = lambda *a: moe_layer.moe_forward(*a, impl="gmm", top_k=k, decode_products=products)[0]  # noqa: E731
-    ref, _ = per_expert_loop(np.asarray(x), *(np.asarray(a, np.float64) for a in (gate, *ws)), k)
-    y = np.asarray(jax.jit(fn)(x, gate, *ws), np.float64).reshape(ref.shape)
-    np.testing.assert_allclose(y, ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max())
-    ct = jax.random.normal(kk[5], x.shape)
-    g = jax.jit(jax.grad(lambda *a: jnp.sum(fn(*a) * ct), argnums=(0, 2, 3, 4)))(x, gate, *ws)
-    g0 = jax.jit(jax.grad(lambda *a: jnp.sum(loop_jnp(*a, k) * ct), argnums=(0, 2, 3, 4)))(x, gate, *ws)
-    for a, b in zip(g, g0):
-        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-4, atol=2e-5 * float(jnp.abs(b).max()))
+    assert_matches_loop(fn, x, gate, ws, k, kk[5])
     with pytest.raises(ValueError, match="decode_products"):
         moe_layer.moe_forward(x, gate, *ws, impl="gmm", top_k=k, decode_products="loop")
+
+
+@pytest.mark.parametrize("impl, tokens", [("gmm", (2, 9)), ("gmm", (3, 1)), ("dense", (2, 5)), ("ep_capacity", (2, 5))])
+@pytest.mark.parametrize("fuse", [True, False])
+def test_fused_and_separate_gate_up_products_match_per_expert_loop(impl, tokens, fuse):
+    """Gate and up as one product over concatenated weights or as two: values and gradients against the
+    per-expert loop, on the dropless, decode (3 tokens over 16 experts), dense and capacity paths."""
+    E, k = 16, 2
+    c = ModelConfig.preset("tiny", num_local_experts=E, num_experts_per_tok=k)
+    kk = jax.random.split(jax.random.key(5), 6)
+    H, I = c.hidden_size, c.intermediate_size
+    x = jax.random.normal(kk[0], tokens + (H,))
+    gate = jax.random.normal(kk[1], (H, E))
+    ws = [0.3 * jax.random.normal(kk[2 + j], s) for j, s in enumerate([(E, H, I), (E, H, I), (E, I, H)])]
+    fn = lambda *a: moe_layer.moe_forward(*a, impl=impl, top_k=k, capacity_factor=-1.0, fuse=fuse)[0]  # noqa: E731
+    assert_matches_loop(fn, x, gate, ws, k, kk[5])
+
+
+def _concatenated_expert_weights(jaxpr, shape) -> int:
+    """Concatenations in ``jaxpr`` (nested jaxprs included) whose result has ``shape``."""
+    n = 0
+    for e in jaxpr.eqns:
+        if e.primitive.name == "concatenate" and tuple(e.outvars[0].aval.shape) == shape:
+            n += 1
+        for sub in jax.extend.core.jaxprs_in_params(e.params):
+            n += _concatenated_expert_weights(sub, shape)
+    return n
+
+
+@pytest.mark.parametrize("weights, tokens, fused", [
+    ("bfloat16", 64, False),  # 16-bit weights, 4 rows per expert: the products only read weights, no copy
+    ("float32", 64, True),  # float32 master weights: the cast writes a copy anyway, the concatenation rides on it
+    ("bfloat16", 4096, True),  # 256 rows per expert: compute-bound, the wider fused product
+])
+def test_gate_up_fusion_follows_the_weight_copy_rule(weights, tokens, fused):
+    E, k, H, I = 32, 2, 64, 96
+    assert fuse_gate_up(weights, "bfloat16", tokens * k / E) == fused
+    x = jnp.ones((1, tokens, H), jnp.bfloat16)
+    gate = jnp.ones((H, E), F32)
+    ws = [jax.ShapeDtypeStruct(s, jnp.dtype(weights)) for s in [(E, H, I), (E, H, I), (E, I, H)]]
+    for impl in ("gmm", "dense"):
+        jaxpr = jax.make_jaxpr(lambda x, g, *w: moe_layer.moe_forward(x, g, *w, impl=impl, top_k=k)[0])(x, gate, *ws)
+        rows = tokens if impl == "dense" else tokens * k / E
+        want = int(fuse_gate_up(weights, "bfloat16", rows))
+        assert _concatenated_expert_weights(jaxpr.jaxpr, (E, H, 2 * I)) == want, impl
 
 
 def test_load_balancing_loss_matches_its_formula_on_random_routings():

@@ -31,7 +31,7 @@ from jax.sharding import PartitionSpec as P
 
 from m1_jax.config import ModelConfig
 from m1_jax.model.layers import as_dtype, param
-from m1_jax.model.moe.experts import expert_ffn
+from m1_jax.model.moe.experts import expert_ffn, fuse_gate_up
 from m1_jax.model.moe.permute import capacity_slots, combine_rows, dispatch_rows, sort_pairs
 from m1_jax.model.moe.router import RouterStats, route
 from sharding import moe_dispatch
@@ -60,17 +60,17 @@ def _tp_sum(y, lay):
     return lax.psum(y.astype(F32), lay.tensor_axes).astype(y.dtype) if lay.tensor_axes else y
 
 
-def _dropless(xf, weights, experts, w1, w3, w2, lay, backend, a2a):
+def _dropless(xf, weights, experts, w1, w3, w2, lay, backend, a2a, fuse):
     E = w1.shape[0] * lay.ep
     N, k = experts.shape
     pairs = sort_pairs(experts, E)
     xs = dispatch_rows(xf, pairs, k)
     if lay.ep == 1:
-        ys = _tp_sum(expert_ffn(xs, w1, w3, w2, pairs.sizes, backend=backend), lay)
+        ys = _tp_sum(expert_ffn(xs, w1, w3, w2, pairs.sizes, backend=backend, fuse=fuse), lay)
     else:
         plan = moe_dispatch.ragged_plan(pairs.sizes, lay.ep, N * k)
         xl = moe_dispatch.ragged_dispatch(xs, plan, a2a=a2a)
-        yl = _tp_sum(expert_ffn(xl, w1, w3, w2, plan.local_sizes, backend=backend), lay)
+        yl = _tp_sum(expert_ffn(xl, w1, w3, w2, plan.local_sizes, backend=backend, fuse=fuse), lay)
         ys = moe_dispatch.ragged_return(yl, plan, N * k, a2a=a2a)
     return combine_rows(ys, pairs, weights)
 
@@ -78,7 +78,7 @@ def _dropless(xf, weights, experts, w1, w3, w2, lay, backend, a2a):
 DECODE_PRODUCTS = ("grouped", "batched")
 
 
-def _decode(xf, weights, experts, w1, w3, w2, lay, backend, dt, products="batched"):
+def _decode(xf, weights, experts, w1, w3, w2, lay, backend, dt, products="batched", fuse=False):
     """Each pair with its expert's weights gathered (only the routed experts are read), then either one
     grouped GEMM of one-row groups (``"grouped"``) or batched matrix-vector products (``"batched"``)."""
     N, k = experts.shape
@@ -86,14 +86,14 @@ def _decode(xf, weights, experts, w1, w3, w2, lay, backend, dt, products="batche
     w1g, w3g, w2g = (w[flat].astype(dt) for w in (w1, w3, w2))
     xs = jnp.repeat(xf, k, axis=0)
     if products == "batched":
-        ys = expert_ffn(xs[:, None, :], w1g, w3g, w2g)[:, 0]
+        ys = expert_ffn(xs[:, None, :], w1g, w3g, w2g, fuse=fuse)[:, 0]
     else:
-        ys = expert_ffn(xs, w1g, w3g, w2g, jnp.ones((N * k,), jnp.int32), backend=backend)
+        ys = expert_ffn(xs, w1g, w3g, w2g, jnp.ones((N * k,), jnp.int32), backend=backend, fuse=fuse)
     ys = _tp_sum(ys, lay)
     return jnp.einsum("nkh,nk->nh", ys.reshape(N, k, -1).astype(F32), weights)
 
 
-def _capacity(xf, weights, experts, w1, w3, w2, lay, capacity_factor):
+def _capacity(xf, weights, experts, w1, w3, w2, lay, capacity_factor, fuse):
     e_loc = w1.shape[0]
     E = e_loc * lay.ep
     N, k = experts.shape
@@ -103,7 +103,7 @@ def _capacity(xf, weights, experts, w1, w3, w2, lay, capacity_factor):
     tok = jnp.tile(jnp.arange(N), k)
     buf = jnp.zeros((E * C + 1, H), xf.dtype).at[slot].add(xf[tok])[: E * C]  # one pair per slot
     xe = moe_dispatch.capacity_exchange(buf.reshape(lay.ep, e_loc, C, H))  # [E_loc, ep * C, H]
-    ye = _tp_sum(expert_ffn(xe, w1, w3, w2), lay)
+    ye = _tp_sum(expert_ffn(xe, w1, w3, w2, fuse=fuse), lay)
     ye = jnp.concatenate([moe_dispatch.capacity_return(ye, lay.ep), jnp.zeros((1, H), ye.dtype)], axis=0)
     yk = ye[slot].astype(F32).reshape(k, N, H)
     y = jnp.einsum("knh,nk->nh", yk, weights * keep.reshape(k, N).T.astype(F32))
@@ -111,13 +111,16 @@ def _capacity(xf, weights, experts, w1, w3, w2, lay, capacity_factor):
 
 
 def moe_forward(x, gate, w1, w3, w2, *, impl: str, top_k: int, backend: str = "auto",
-                capacity_factor: float = 1.25, dtype=None, mesh=None, a2a=None, decode_products: str = "batched"):
+                capacity_factor: float = 1.25, dtype=None, mesh=None, a2a=None, decode_products: str = "batched",
+                fuse: bool | None = None):
     """The MoE on ``x [B, T, H]``: router ``gate [H, E]``, experts ``w1, w3 [E, H, I]``, ``w2 [E, I, H]``
     (any dtype; computed in ``dtype``, default x's). Runs on the mesh of ``jax.set_mesh`` (shard_map
     over the token axes; ``mesh`` overrides) or on one device without one. ``a2a`` replaces
     ``lax.ragged_all_to_all`` for ``"ep_ragged"`` (tests pass ``moe_dispatch.ragged_all_to_all_emulated``).
 
-    ``decode_products`` picks the expert products at decode shapes (``DECODE_PRODUCTS``).
+    ``decode_products`` picks the expert products at decode shapes (``DECODE_PRODUCTS``). ``fuse``: gate
+    and up projections as one product over concatenated weights (True) or two (False); None decides by
+    ``experts.fuse_gate_up`` (fused when the weights are cast anyway or the products are compute-bound).
 
     Returns ``(y [B, T, H] in x's dtype, RouterStats)``.
     """
@@ -132,11 +135,15 @@ def moe_forward(x, gate, w1, w3, w2, *, impl: str, top_k: int, backend: str = "a
         xf = x.reshape(B * T, H)
         weights, experts, stats = route(xf, gate, top_k)
         combine = jnp.einsum("nk,nke->ne", weights, jax.nn.one_hot(experts, E, dtype=F32))
-        ye = expert_ffn(xf.astype(dt), w1, w3, w2)  # [E, N, H]
+        if fuse is None:
+            fuse = fuse_gate_up(w1.dtype, dt, B * T)
+        ye = expert_ffn(xf.astype(dt), w1, w3, w2, fuse=fuse)  # [E, N, H]
         y = jnp.einsum("enh,ne->nh", ye.astype(F32), combine)
         return y.astype(x.dtype).reshape(B, T, H), stats
     expert_parallel = impl in ("ep_capacity", "ep_ragged")
     decode = not expert_parallel and is_decode_shape(B * T, top_k, E)
+    if fuse is None:
+        fuse = fuse_gate_up(w1.dtype, dt, B * T * top_k / E)
     if not decode:  # the decode path gathers its experts before casting
         w1, w3, w2 = (w.astype(dt) for w in (w1, w3, w2))
     backend = "xla" if impl == "ragged" else backend
@@ -147,11 +154,11 @@ def moe_forward(x, gate, w1, w3, w2, *, impl: str, top_k: int, backend: str = "a
         weights, experts, stats = route(xf, gate, top_k)
         dropped = jnp.zeros((), F32)
         if impl == "ep_capacity":
-            y, dropped = _capacity(xf, weights, experts, w1, w3, w2, lay, capacity_factor)
+            y, dropped = _capacity(xf, weights, experts, w1, w3, w2, lay, capacity_factor, fuse)
         elif decode:
-            y = _decode(xf, weights, experts, w1, w3, w2, lay, backend, dt, decode_products)
+            y = _decode(xf, weights, experts, w1, w3, w2, lay, backend, dt, decode_products, fuse)
         else:
-            y = _dropless(xf, weights, experts, w1, w3, w2, lay, backend, a2a)
+            y = _dropless(xf, weights, experts, w1, w3, w2, lay, backend, a2a, fuse)
         if lay.token_axes:
             stats = jax.tree.map(lambda s: lax.pmean(s, lay.token_axes), stats)
             dropped = lax.pmean(dropped, lay.token_axes)
