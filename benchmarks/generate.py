@@ -80,8 +80,10 @@ def label(n: int) -> str:
 
 
 # ------------------------------------------------------------------------------------- configs and floor
-def configs(quick: bool, moe_impl: str | None = None, param_dtype: str | None = None) -> dict[str, ModelConfig]:
-    """The hybrid and its softmax-only twin; ``moe_impl`` and ``param_dtype`` replace the preset's."""
+def configs(quick: bool, moe_impl: str | None = None, param_dtype: str | None = None,
+            moe_decode: str | None = None) -> dict[str, ModelConfig]:
+    """The hybrid and its softmax-only twin; ``moe_impl``, ``param_dtype`` and ``moe_decode`` replace the
+    preset's."""
     if quick:
         base = ModelConfig.preset("tiny", num_hidden_layers=4, layer_types=(LINEAR, FULL) * 2, moe_impl="dense",
                                   max_position_embeddings=1 << 16)
@@ -91,6 +93,8 @@ def configs(quick: bool, moe_impl: str | None = None, param_dtype: str | None = 
         base = base.replace(moe_impl=moe_impl)
     if param_dtype:
         base = base.replace(param_dtype=param_dtype)
+    if moe_decode:
+        base = base.replace(moe_decode=moe_decode)
     return {"hybrid": base, "twin": base.replace(layer_types=(FULL,) * base.num_hidden_layers)}
 
 
@@ -403,6 +407,8 @@ def run_variant(args, steps, repeats, budget_s):
         cmd += ["--moe-impl", args.moe_impl]
     if args.param_dtype:
         cmd += ["--param-dtype", args.param_dtype]
+    if args.moe_decode:
+        cmd += ["--moe-decode", args.moe_decode]
     if args.no_cast_weights:
         cmd += ["--no-cast-weights"]
     log(f"variant: XLA_FLAGS={env['XLA_FLAGS']}")
@@ -430,7 +436,7 @@ def main(argv=None) -> int:
     ap.add_argument("--twin-cache-gib", type=float, default=100.0, help="largest KV cache tried for the twin")
     ap.add_argument("--budget-s", type=float, default=480.0, help="stop starting new cases after this")
     ap.add_argument("--no-check", action="store_true")
-    ap.add_argument("--checks", default=None, help="comma list: cache_attention, cache_attention_long, "
+    ap.add_argument("--checks", default=None, help="comma list: cache_attention, cache_attention_long, moe_decode, "
                     "flash_attention, generate (default: all)")
     ap.add_argument("--no-prefill", action="store_true")
     ap.add_argument("--prefill-batches", default=None, help="batches prefilled for real (default: all)")
@@ -441,6 +447,8 @@ def main(argv=None) -> int:
     ap.add_argument("--moe-impl", default=None, help="ModelConfig.moe_impl of both models (default: the preset's)")
     ap.add_argument("--param-dtype", default=None, choices=("float32", "bfloat16"),
                     help="parameter dtype (default bfloat16; float32 is a training checkpoint or the RL policy)")
+    ap.add_argument("--moe-decode", default=None, choices=DECODE_PRODUCTS,
+                    help="ModelConfig.moe_decode: the expert products at decode shapes (default: the preset's)")
     ap.add_argument("--no-cast-weights", action="store_true",
                     help="keep wider parameters as they are (Session(cast_weights=False)): every step casts them")
     ap.add_argument("--variant-flags", default=None,
@@ -495,9 +503,10 @@ def main(argv=None) -> int:
         with open(os.path.join(args.out, "generate.json"), "w") as f:
             json.dump(dict(meta=meta, checks=checks, rows=rows), f, indent=1, default=str)
 
-    cfgs = configs(quick, args.moe_impl, args.param_dtype)
+    cfgs = configs(quick, args.moe_impl, args.param_dtype, args.moe_decode)
     cast = not args.no_cast_weights
-    meta.update(moe_impl=cfgs["hybrid"].moe_impl, param_dtype=cfgs["hybrid"].param_dtype, cast_weights=cast)
+    meta.update(moe_impl=cfgs["hybrid"].moe_impl, param_dtype=cfgs["hybrid"].param_dtype, cast_weights=cast,
+                moe_decode=cfgs["hybrid"].moe_decode)
     names = [m for m in ("hybrid", "twin") if m in args.models.split(",")]
     # per model: decode at every batch (one compile per batch), then the real prefills
     for name in names:

@@ -1,6 +1,7 @@
 """Correctness of the GPU paths that ``benchmarks/generate.py`` times, checked before it times them: the
 Pallas cache-attention kernel and the packed-row flash path against the XLA blockwise path (bf16 and
-float32, odd lengths, left padding), and cached greedy generation against the full forward. On the CPU the
+float32, odd lengths, left padding), the fused decode-expert kernels against their jnp reference, and
+cached greedy generation against the full forward. On the CPU the
 Pallas kernels run in the interpreter."""
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ def check_paths(quick: bool, only: set | None = None, log=print) -> list[dict]:
     function of one line of text."""
     rows = []
     for name, fn in (("cache_attention", check_cache_attention), ("flash_attention", check_flash_attention),
-                     ("generate", check_generate)):
+                     ("moe_decode", check_moe_decode), ("generate", check_generate)):
         if only and not any(o.startswith(name) for o in only):
             continue
         try:
@@ -99,6 +100,27 @@ def check_flash_attention(quick, rows, only, log):
         rows.append(dict(check="flash_attention_packed", dtype=jnp.dtype(dtype).name, B=B, T=T, rel_err=err,
                          grad_rel_err=gerr, ok=err < 2e-2 and gerr < 5e-2))
         log(f"check flash_attention {rows[-1]}")
+
+
+def check_moe_decode(quick, rows, only, log):
+    """The fused decode-expert kernels against their jnp reference (float32 products): batch 1 and 8 tokens,
+    the `small` preset's expert shape, bf16 weights."""
+    from pallas_kernels.moe.decode_triton import decode_experts, decode_experts_reference
+
+    interpret = jax.default_backend() == "cpu"
+    E, H, I = (8, 64, 96) if quick else (32, 1024, 384)
+    for N in (1, 8):
+        kk = jax.random.split(jax.random.key(N), 6)
+        x = jax.random.normal(kk[0], (N, H)).astype(jnp.bfloat16)
+        w1, w3 = ((0.05 * jax.random.normal(kk[i], (E, H, I))).astype(jnp.bfloat16) for i in (1, 2))
+        w2 = (0.05 * jax.random.normal(kk[3], (E, I, H))).astype(jnp.bfloat16)
+        experts = jax.random.randint(kk[4], (N, 2), 0, E, jnp.int32)
+        weights = jax.nn.softmax(jax.random.normal(kk[5], (N, 2)), axis=-1)
+        got = decode_experts(x, w1, w3, w2, experts, weights, interpret=interpret)
+        ref = decode_experts_reference(x, w1, w3, w2, experts, weights)
+        err = float(jnp.max(jnp.abs(got - ref)) / jnp.max(jnp.abs(ref)))
+        rows.append(dict(check="moe_decode_fused", N=N, E=E, H=H, I=I, rel_err=err, ok=err < 1e-4))
+        log(f"check moe_decode {rows[-1]}")
 
 
 def check_generate(quick, rows, only, log):

@@ -26,6 +26,10 @@ REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
 MOE_IMPLS = ("auto", "gmm", "ragged", "dense", "ep_capacity", "ep_ragged")
 # Grouped-GEMM backend of "gmm" / "ep_ragged" (pallas_kernels.moe.BACKENDS; "auto": by platform).
 MOE_BACKENDS = ("auto", "mosaic_gpu", "triton", "megablox", "xla")
+# Expert products at decode shapes (m1_jax.model.moe.layer.DECODE_PRODUCTS): "batched" gathered weights and
+# batched matrix-vector products; "grouped" one-row grouped GEMMs; "fused" two Triton-lowered kernels that
+# read the routed weights in place (GPU; "batched" where they cannot run).
+MOE_DECODE = ("batched", "grouped", "fused")
 
 # DeepNorm alpha of the real 80-layer model: (2 * 80) ** 0.25.
 _M1_ALPHA = 3.5565588200778455
@@ -105,6 +109,7 @@ class ModelConfig:
     router_jitter_noise: float = 0.0
     moe_impl: str = "auto"
     moe_backend: str = "auto"
+    moe_decode: str = "batched"
     # Slots per expert per source shard = ceil(factor * tokens * k / E) for moe_impl="ep_capacity";
     # <= 0 sizes the buffers for the worst case (never drops).
     moe_capacity_factor: float = 1.25
@@ -158,6 +163,7 @@ class ModelConfig:
         need(self.remat in REMAT_POLICIES, "remat", f"one of {REMAT_POLICIES}")
         need(self.moe_impl in MOE_IMPLS, "moe_impl", f"one of {MOE_IMPLS}")
         need(self.moe_backend in MOE_BACKENDS, "moe_backend", f"one of {MOE_BACKENDS}")
+        need(self.moe_decode in MOE_DECODE, "moe_decode", f"one of {MOE_DECODE}")
         need(isinstance(self.moe_capacity_factor, (int, float)) and math.isfinite(self.moe_capacity_factor),
              "moe_capacity_factor", "a finite number (<= 0: no token dropping)")
         need(self.lightning_backend in ("auto", "reference", "pallas_gpu", "pallas_tpu"),

@@ -198,3 +198,17 @@ def test_matches_transformers_greedy_generate(tmp_path):
         ref = hf.generate(torch.tensor(prompt), max_new_tokens=8, do_sample=False, pad_token_id=0)
     tokens, _ = generate(ours, prompt.astype(np.int32), max_new_tokens=8, prefill_chunk=4)
     assert list(np.asarray(tokens[0])) == ref[0, 9:].tolist()
+
+
+def test_fused_decode_experts_generate_what_the_batched_products_do():
+    """``moe_decode="fused"`` (the two Triton-lowered expert kernels, here in the Pallas interpreter) against
+    the default batched products: the same greedy tokens and log-probabilities, float32, 16 experts."""
+    c = ModelConfig.preset("tiny", num_hidden_layers=2, layer_types=(LINEAR, FULL), block_size=4, vocab_size=V,
+                           num_local_experts=16, moe_impl="gmm")
+    batched = MiniMaxForCausalLM(c, rngs=nnx.Rngs(2))
+    fused = MiniMaxForCausalLM(c.replace(moe_decode="fused"), rngs=nnx.Rngs(2))
+    ids = np.random.default_rng(4).integers(0, V, (2, 5)).astype(np.int32)
+    a = generate(batched, ids, max_new_tokens=5, lengths=[5, 3])
+    b = generate(fused, ids, max_new_tokens=5, lengths=[5, 3])
+    assert np.array_equal(np.asarray(a[0]), np.asarray(b[0]))
+    np.testing.assert_allclose(np.asarray(a[1]), np.asarray(b[1]), rtol=1e-5, atol=1e-5)

@@ -102,9 +102,10 @@ def test_moe_gradients_match_per_expert_loop(impl, tokens):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-4, atol=2e-5 * float(jnp.abs(b).max()))
 
 
-def test_decode_step_reads_only_the_routed_experts():
+@pytest.mark.parametrize("products", ["batched", "fused"])
+def test_decode_step_reads_only_the_routed_experts(products):
     E, k = 32, 2
-    c = ModelConfig.preset("tiny", num_local_experts=E, num_experts_per_tok=k)
+    c = ModelConfig.preset("tiny", num_local_experts=E, num_experts_per_tok=k, moe_decode=products)
     assert moe_layer.is_decode_shape(1, k, E) and not moe_layer.is_decode_shape(64, k, E)
     moe = MoE(c, rngs=nnx.Rngs(0))
     x = jax.random.normal(jax.random.key(1), (1, 1, c.hidden_size))
@@ -113,7 +114,10 @@ def test_decode_step_reads_only_the_routed_experts():
     weights = {id(v) for v in jaxpr.jaxpr.invars if v.aval.shape[:1] == (E,) and len(v.aval.shape) == 3}
     assert len(weights) == 3  # w1, w3, w2
     consumers = {e.primitive.name for e in jaxpr.jaxpr.eqns for v in e.invars if id(v) in weights}
-    assert consumers == {"gather"}, consumers  # the expert weights are only gathered (k of E rows), never read whole
+    if products == "batched":
+        assert consumers == {"gather"}, consumers  # the expert weights are only gathered (k of E rows), never read whole
+    else:  # one call: the two kernels index the routed experts inside the stacked weights
+        assert len(consumers) == 1 and "custom_vjp" in consumers.pop()
     w = [np.asarray(p.value, np.float64) for p in (moe.gate, moe.w1, moe.w3, moe.w2)]
     ref, _ = per_expert_loop(np.asarray(x), *w, k)
     y = jax.jit(lambda s, x: nnx.merge(graph, s)(x)[0])(state, x)

@@ -15,8 +15,8 @@
 * ``"auto"``: ``"gmm"``, or with an ``expert`` mesh axis > 1 ``"ep_ragged"`` on GPU/TPU and
   ``"ep_capacity"`` on the CPU.
 
-Decode shapes (``tokens * k <= E / 2`` pairs, e.g. one token in a generation step) skip the sort:
-each pair gathers its expert's weights, so a batch-1 step reads 2 of 32 experts.
+Decode shapes (``tokens * k <= E / 2`` pairs, e.g. one token in a generation step) skip the sort and
+read only the routed experts' weights, so a batch-1 step reads 2 of 32 experts (``moe_decode``: how).
 """
 
 from __future__ import annotations
@@ -29,11 +29,12 @@ from flax import nnx
 from jax import lax
 from jax.sharding import PartitionSpec as P
 
-from m1_jax.config import ModelConfig
+from m1_jax.config import MOE_DECODE, ModelConfig
 from m1_jax.model.layers import as_dtype, param
 from m1_jax.model.moe.experts import expert_ffn, fuse_gate_up
 from m1_jax.model.moe.permute import capacity_slots, combine_rows, dispatch_rows, sort_pairs
 from m1_jax.model.moe.router import RouterStats, route
+from pallas_kernels.moe import decode_triton, moe_decode
 from sharding import moe_dispatch
 from sharding.rules import current_mesh, mesh_axis_size
 
@@ -75,13 +76,24 @@ def _dropless(xf, weights, experts, w1, w3, w2, lay, backend, a2a, fuse):
     return combine_rows(ys, pairs, weights)
 
 
-DECODE_PRODUCTS = ("grouped", "batched")
+DECODE_PRODUCTS = MOE_DECODE  # "batched", "grouped", "fused"
+
+
+def _fused_decode_runs(w1, w2) -> bool:
+    """Whether ``decode_products="fused"`` runs its kernels here: Triton-lowered, so on GPUs (and on the CPU
+    in the Pallas interpreter, for tests), for feature sizes in multiples of 8; otherwise ``"batched"``."""
+    return jax.default_backend() in ("gpu", "cpu") and decode_triton.supported(w1.shape[1], w1.shape[2])
 
 
 def _decode(xf, weights, experts, w1, w3, w2, lay, backend, dt, products="batched", fuse=False):
-    """Each pair with its expert's weights gathered (only the routed experts are read), then either one
-    grouped GEMM of one-row groups (``"grouped"``) or batched matrix-vector products (``"batched"``)."""
+    """Only the routed experts are read: either every pair's expert weights gathered, then one grouped GEMM
+    of one-row groups (``"grouped"``) or batched matrix-vector products (``"batched"``); or (``"fused"``)
+    two kernels that read the routed experts' weights in place and combine the pairs
+    (``pallas_kernels.moe.moe_decode``)."""
     N, k = experts.shape
+    if products == "fused" and _fused_decode_runs(w1, w2):
+        y = moe_decode(xf, w1, w3, w2, experts, weights, jax.default_backend() == "cpu")
+        return _tp_sum(y, lay)
     flat = experts.reshape(-1)
     w1g, w3g, w2g = (w[flat].astype(dt) for w in (w1, w3, w2))
     xs = jnp.repeat(xf, k, axis=0)
@@ -192,7 +204,8 @@ class MoE(nnx.Module):
     def __call__(self, x: jax.Array) -> tuple[jax.Array, RouterStats]:
         c = self.config
         return moe_forward(x, self.gate.value, self.w1.value, self.w3.value, self.w2.value, impl=c.moe_impl,
-                           top_k=c.num_experts_per_tok, backend=c.moe_backend, capacity_factor=c.moe_capacity_factor)
+                           top_k=c.num_experts_per_tok, backend=c.moe_backend, capacity_factor=c.moe_capacity_factor,
+                           decode_products=c.moe_decode)
 
 
 __all__ = ["MoE", "moe_forward", "resolve_impl", "is_decode_shape"]
