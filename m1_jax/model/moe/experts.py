@@ -54,6 +54,10 @@ def expert_ffn(xs, w1, w3, w2, group_sizes=None, *, backend: str = "auto", inter
     inter = w1.shape[-1]
     w2 = w2.astype(dt)
     if group_sizes is None:
+        if xs.ndim == 2 and xs.shape[0] <= inter:
+            # [n, H] x [E, H, I] has no single-GEMM layout (E and I are not adjacent): XLA would transpose the
+            # weights. With few rows (decode) copying the rows to every expert is the cheaper copy.
+            xs = jnp.broadcast_to(xs, (w1.shape[0],) + xs.shape)
         eq = "nh,ehi->eni" if xs.ndim == 2 else "enh,ehi->eni"
 
         def up_product(w):
