@@ -28,8 +28,9 @@ MOE_IMPLS = ("auto", "gmm", "ragged", "dense", "ep_capacity", "ep_ragged")
 MOE_BACKENDS = ("auto", "mosaic_gpu", "triton", "megablox", "xla")
 # Expert products at decode shapes (m1_jax.model.moe.layer.DECODE_PRODUCTS): "batched" gathered weights and
 # batched matrix-vector products; "grouped" one-row grouped GEMMs; "fused" two Triton-lowered kernels that
-# read the routed weights in place (GPU; "batched" where they cannot run).
-MOE_DECODE = ("batched", "grouped", "fused")
+# read the routed weights in place; "fused_gathered" the same kernels on gathered weights (GPU; "batched"
+# where the kernels cannot run).
+MOE_DECODE = ("batched", "grouped", "fused", "fused_gathered")
 
 # DeepNorm alpha of the real 80-layer model: (2 * 80) ** 0.25.
 _M1_ALPHA = 3.5565588200778455

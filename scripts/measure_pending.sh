@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# The measurements the open issues still wait for, on one H200, as two device calls of under 10 minutes each.
+# The measurements the open issues still wait for, on one H200, as three device calls of under 10 minutes each.
 # Each step has its own time limit and writes under $OUT/<step>; a failing step does not stop the others.
 #
-#   bash scripts/measure_pending.sh generate    # issue 17: batch-64 prefill, the MoE decode paths, float32 weights
+#   bash scripts/measure_pending.sh generate    # issue 17: batch-64 prefill, the MoE decode paths (dense, fused)
+#   bash scripts/measure_pending.sh weights     # issue 17: float32 weights cast once or per step; weight-slice copies
 #   bash scripts/measure_pending.sh train       # issue 12: the small step's compile time after kernel sharing
 #
 # What each result decides is in docs/benchmarks/generate.md ("Since run 4") and docs/benchmarks/training.md.
@@ -29,10 +30,16 @@ case "${1:-}" in
       --moe-impl dense --budget-s 75 --out "$OUT/gen_dense"
     step gen_fused 70 python benchmarks/generate.py --models hybrid --batches 1 --contexts 1K,1M --no-check --no-prefill \
       --moe-decode fused --budget-s 60 --out "$OUT/gen_fused"
+    ;;
+  weights)
     step gen_f32 60 python benchmarks/generate.py --models hybrid --batches 1,64 --contexts 1K --no-check --no-prefill \
       --param-dtype float32 --budget-s 50 --out "$OUT/gen_f32"
     step gen_f32_nocast 60 python benchmarks/generate.py --models hybrid --batches 1,64 --contexts 1K --no-check --no-prefill \
       --param-dtype float32 --no-cast-weights --budget-s 50 --out "$OUT/gen_f32_nocast"
+    # whether XLA copies a block's weight slice for a kernel operand: the same decode with dynamic-slice fusion on
+    step gen_dsf 250 python benchmarks/generate.py --models hybrid --batches 1,64 --contexts 1K --no-check --no-prefill \
+      --breakdown --variant-flags=--xla_gpu_enable_dynamic_slice_fusion=true --variant-contexts 1K \
+      --variant-budget-s 110 --budget-s 230 --out "$OUT/gen_dsf"
     ;;
   train)
     XLA_PYTHON_CLIENT_MEM_FRACTION=0.95 step train_small 330 python benchmarks/train_mfu.py --preset small \
@@ -41,7 +48,7 @@ case "${1:-}" in
       python benchmarks/train_mfu.py --preset small --variants b2 --steps 4 --budget_s 200 --out "$OUT/train_small_noautotune.json"
     ;;
   *)
-    echo "usage: bash scripts/measure_pending.sh generate|train   (results under \$OUT, default $OUT)" >&2
+    echo "usage: bash scripts/measure_pending.sh generate|weights|train   (results under \$OUT, default $OUT)" >&2
     exit 2
     ;;
 esac

@@ -40,7 +40,7 @@ def test_rows_of_every_kind(result):
     b1 = next(r for r in rows if r["kind"] == "breakdown" and r["batch"] == 1)
     for key in ("moe_all_layers_ms", "moe_all_layers_grouped_ms", "moe_all_layers_batched_ms", "moe_all_layers_dense_ms",
                 "moe_all_layers_concat_ms", "moe_all_layers_dense_concat_ms", "moe_all_layers_fused_ms",
-                "norm_lm_head_argmax_ms"):
+                "moe_all_layers_fused_gathered_ms", "norm_lm_head_argmax_ms"):
         assert isinstance(b1[key], float) and b1[key] > 0, (key, b1)
     b2 = next(r for r in rows if r["kind"] == "breakdown" and r["batch"] == 2)  # not a decode shape: no products
     assert "moe_all_layers_dense_ms" in b2 and "moe_all_layers_batched_ms" not in b2

@@ -76,23 +76,36 @@ def _dropless(xf, weights, experts, w1, w3, w2, lay, backend, a2a, fuse):
     return combine_rows(ys, pairs, weights)
 
 
-DECODE_PRODUCTS = MOE_DECODE  # "batched", "grouped", "fused"
+DECODE_PRODUCTS = MOE_DECODE  # "batched", "grouped", "fused", "fused_gathered"
 
 
-def _fused_decode_runs(w1, w2) -> bool:
-    """Whether ``decode_products="fused"`` runs its kernels here: Triton-lowered, so on GPUs (and on the CPU
-    in the Pallas interpreter, for tests), for feature sizes in multiples of 8; otherwise ``"batched"``."""
+def _fused_decode_runs(w1) -> bool:
+    """Whether the ``"fused"`` decode products run their kernels here: Triton-lowered, so on GPUs (and on the
+    CPU in the Pallas interpreter, for tests), for feature sizes in multiples of 8; otherwise ``"batched"``."""
     return jax.default_backend() in ("gpu", "cpu") and decode_triton.supported(w1.shape[1], w1.shape[2])
 
 
 def _decode(xf, weights, experts, w1, w3, w2, lay, backend, dt, products="batched", fuse=False):
-    """Only the routed experts are read: either every pair's expert weights gathered, then one grouped GEMM
-    of one-row groups (``"grouped"``) or batched matrix-vector products (``"batched"``); or (``"fused"``)
-    two kernels that read the routed experts' weights in place and combine the pairs
-    (``pallas_kernels.moe.moe_decode``)."""
+    """Only the routed experts are read:
+
+    * ``"batched"`` / ``"grouped"``: each pair's expert weights gathered, then batched matrix-vector products
+      or one grouped GEMM of one-row groups;
+    * ``"fused"``: two kernels (``pallas_kernels.moe.moe_decode``) that read the routed experts' columns in
+      place and combine the pairs;
+    * ``"fused_gathered"``: the same kernels on the gathered weights. Inside the scan over blocks the weights
+      are a per-block slice of the stacked parameters, which XLA may copy whole for a kernel's operand
+      unless it fuses the slice into the call; a gather takes the slice into its own fusion, so this form
+      never copies more than the routed experts.
+    """
     N, k = experts.shape
-    if products == "fused" and _fused_decode_runs(w1, w2):
-        y = moe_decode(xf, w1, w3, w2, experts, weights, jax.default_backend() == "cpu")
+    if products in ("fused", "fused_gathered") and _fused_decode_runs(w1):
+        interpret = jax.default_backend() == "cpu"
+        if products == "fused":
+            y = moe_decode(xf, w1, w3, w2, experts, weights, interpret)
+        else:
+            flat = experts.reshape(-1)
+            pair = jnp.arange(N * k, dtype=jnp.int32).reshape(N, k)  # pair p uses gathered expert p
+            y = moe_decode(xf, w1[flat], w3[flat], w2[flat], pair, weights, interpret)
         return _tp_sum(y, lay)
     flat = experts.reshape(-1)
     w1g, w3g, w2g = (w[flat].astype(dt) for w in (w1, w3, w2))
