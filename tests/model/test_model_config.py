@@ -35,6 +35,7 @@ def test_unknown_preset_names_the_choices():
     (dict(hidden_size=0), "hidden_size", "positive integer"),
     (dict(layer_types=(LINEAR,) * 7 + ("mamba",)), "layer_types", "entries from"),
     (dict(remat="sometimes"), "remat", "one of"),
+    (dict(moe_decode="loop"), "moe_decode", "one of"),
 ])
 def test_bad_configs_name_field_and_expectation(changes, field, expected):
     with pytest.raises(ConfigError) as e:
