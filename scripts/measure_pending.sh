@@ -36,6 +36,8 @@ case "${1:-}" in
       --param-dtype float32 --budget-s 50 --out "$OUT/gen_f32"
     step gen_f32_nocast 60 python benchmarks/generate.py --models hybrid --batches 1,64 --contexts 1K --no-check --no-prefill \
       --param-dtype float32 --no-cast-weights --budget-s 50 --out "$OUT/gen_f32_nocast"
+    # the MoE of a decode step alone, every form, weights flat and sliced from a stack (slice copies show as a gap)
+    step moe_decode 150 python benchmarks/moe_decode.py --tokens 1,8,64 --out "$OUT/moe_decode"
     # whether XLA copies a block's weight slice for a kernel operand: the same decode with dynamic-slice fusion on
     step gen_dsf 250 python benchmarks/generate.py --models hybrid --batches 1,64 --contexts 1K --no-check --no-prefill \
       --breakdown --variant-flags=--xla_gpu_enable_dynamic_slice_fusion=true --variant-contexts 1K \
