@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
-# The measurements the open issues still wait for, on one H200, as three device calls of under 10 minutes each.
+# The measurements of generation run 5 and the compile-time check (docs/benchmarks/generate.md, training.md), on one
+# H200, as three device calls of under 10 minutes each.
 # Each step has its own time limit and writes under $OUT/<step>; a failing step does not stop the others.
 #
 #   bash scripts/measure_pending.sh generate    # issue 17: batch-64 prefill, the MoE decode paths (dense, fused)
 #   bash scripts/measure_pending.sh weights     # issue 17: float32 weights cast once or per step; weight-slice copies
 #   bash scripts/measure_pending.sh train       # issue 12: the small step's compile time after kernel sharing
 #
-# What each result decides is in docs/benchmarks/generate.md ("Since run 4") and docs/benchmarks/training.md.
+# The results of 2026-12-01 and what they decided: docs/benchmarks/generate.md ("Run 5") and docs/benchmarks/training.md.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-/tmp/measure_pending}"

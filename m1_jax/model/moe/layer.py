@@ -85,7 +85,7 @@ def _fused_decode_runs(w1) -> bool:
     return jax.default_backend() in ("gpu", "cpu") and decode_triton.supported(w1.shape[1], w1.shape[2])
 
 
-def _decode(xf, weights, experts, w1, w3, w2, lay, backend, dt, products="batched", fuse=False):
+def _decode(xf, weights, experts, w1, w3, w2, lay, backend, dt, products="batched"):
     """Only the routed experts are read:
 
     * ``"batched"`` / ``"grouped"``: each pair's expert weights gathered, then batched matrix-vector products
@@ -110,10 +110,12 @@ def _decode(xf, weights, experts, w1, w3, w2, lay, backend, dt, products="batche
     flat = experts.reshape(-1)
     w1g, w3g, w2g = (w[flat].astype(dt) for w in (w1, w3, w2))
     xs = jnp.repeat(xf, k, axis=0)
+    # The gather writes a copy anyway and the concatenation rides on it: gate and up as one product
+    # (H200, small, batch 1: 0.516 ms for the 16 layers fused against 0.557 ms as two products).
     if products == "batched":
-        ys = expert_ffn(xs[:, None, :], w1g, w3g, w2g, fuse=fuse)[:, 0]
+        ys = expert_ffn(xs[:, None, :], w1g, w3g, w2g, fuse=True)[:, 0]
     else:
-        ys = expert_ffn(xs, w1g, w3g, w2g, jnp.ones((N * k,), jnp.int32), backend=backend, fuse=fuse)
+        ys = expert_ffn(xs, w1g, w3g, w2g, jnp.ones((N * k,), jnp.int32), backend=backend, fuse=True)
     ys = _tp_sum(ys, lay)
     return jnp.einsum("nkh,nk->nh", ys.reshape(N, k, -1).astype(F32), weights)
 
@@ -181,7 +183,7 @@ def moe_forward(x, gate, w1, w3, w2, *, impl: str, top_k: int, backend: str = "a
         if impl == "ep_capacity":
             y, dropped = _capacity(xf, weights, experts, w1, w3, w2, lay, capacity_factor, fuse)
         elif decode:
-            y = _decode(xf, weights, experts, w1, w3, w2, lay, backend, dt, decode_products, fuse)
+            y = _decode(xf, weights, experts, w1, w3, w2, lay, backend, dt, decode_products)
         else:
             y = _dropless(xf, weights, experts, w1, w3, w2, lay, backend, a2a, fuse)
         if lay.token_axes:
