@@ -36,6 +36,8 @@ import numpy as np  # noqa: E402
 from m1_jax import ModelConfig  # noqa: E402
 from m1_jax.model.moe.layer import DECODE_PRODUCTS, is_decode_shape, moe_forward  # noqa: E402
 
+from generate import read_bandwidth  # noqa: E402  (the same bandwidth probe as the generation benchmark)
+
 BF16 = jnp.bfloat16
 
 
@@ -76,16 +78,6 @@ def program(placement: str, kw: dict, k: int, L: int, iters: int):
 def flat_args(gate, w1, w3, w2):
     """Per-layer arrays (separate buffers), as tuples the flat program indexes statically."""
     return tuple(tuple(a[ell] for ell in range(a.shape[0])) for a in (gate, w1, w3, w2))
-
-
-def read_bandwidth(quick: bool) -> float:
-    x = jnp.ones(((1 << 22) if quick else (1 << 32)) // 2, BF16)
-    f = jax.jit(lambda x: jnp.sum(x, dtype=jnp.float32))
-    jax.block_until_ready(f(x))
-    t0 = time.perf_counter()
-    for _ in range(5):
-        jax.block_until_ready(f(x))
-    return x.nbytes * 5 / (time.perf_counter() - t0)
 
 
 def main(argv=None) -> int:

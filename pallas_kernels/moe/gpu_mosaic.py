@@ -187,6 +187,12 @@ def _gmm_kernel(m, k, n, g, dtype, transpose_rhs, block_m, block_n, block_k, max
     return _persistent_kernel(body, jax.ShapeDtypeStruct((m, n), dtype), interp)
 
 
+def _interpret_flag(name: str, interpret) -> bool:
+    if interpret and not interpret_supported():
+        raise ValueError(f"{name}: this JAX has no Mosaic GPU interpreter")
+    return bool(interpret)
+
+
 def gmm(lhs, rhs, group_sizes, *, transpose_rhs=False, block_m=128, block_n=128, block_k=64,
         max_concurrent_steps=4, grid_block_n=1, interpret=False):
     """``lhs [M, K] @ rhs[g] [K, N]`` per group (``rhs [G, N, K]`` with ``transpose_rhs``); out in
@@ -203,9 +209,7 @@ def gmm(lhs, rhs, group_sizes, *, transpose_rhs=False, block_m=128, block_n=128,
         raise ValueError(f"gmm: group_sizes has shape {group_sizes.shape}, expected ({g},)")
     if k % block_k or n % block_n:
         raise ValueError(f"gmm: K={k} must be a multiple of block_k={block_k} and N={n} of block_n={block_n}")
-    interp = bool(interpret)
-    if interp and not interpret_supported():
-        raise ValueError("gmm: this JAX has no Mosaic GPU interpreter")
+    interp = _interpret_flag("gmm", interpret)
     gs = group_sizes.astype(I32)
     sizes = jnp.concatenate([gs, jnp.reshape(m - jnp.sum(gs), (1,))])  # + the zero group
     kernel = _gmm_kernel(m, k, n, g, jnp.dtype(lhs.dtype), bool(transpose_rhs), block_m, block_n, block_k,
@@ -313,9 +317,7 @@ def tgmm(lhs, rhs, group_sizes, *, out_dtype=F32, block_m=128, block_n=128, bloc
         raise ValueError(f"tgmm: lhs {lhs.shape} and rhs {rhs.shape} need the same number of rows")
     if m % block_m or n % block_n:
         raise ValueError(f"tgmm: K={m} must be a multiple of block_m={block_m} and N={n} of block_n={block_n}")
-    interp = bool(interpret)
-    if interp and not interpret_supported():
-        raise ValueError("tgmm: this JAX has no Mosaic GPU interpreter")
+    interp = _interpret_flag("tgmm", interpret)
     g = group_sizes.shape[0]
     gs = group_sizes.astype(I32)
     ends = jnp.cumsum(gs)

@@ -148,6 +148,7 @@ def moe_forward(x, gate, w1, w3, w2, *, impl: str, top_k: int, backend: str = "a
     ``decode_products`` picks the expert products at decode shapes (``DECODE_PRODUCTS``). ``fuse``: gate
     and up projections as one product over concatenated weights (True) or two (False); None decides by
     ``experts.fuse_gate_up`` (fused when the weights are cast anyway or the products are compute-bound).
+    The gathered decode path always fuses: its gather writes a copy anyway.
 
     Returns ``(y [B, T, H] in x's dtype, RouterStats)``.
     """
