@@ -48,6 +48,8 @@ if os.environ.get("LIGHTNING_SWEEP_TINY"):  # dry runs of the machinery on the C
 # Variant sets: {name: (tuning, shapes or None for the whole grid)}. "default" is whatever the shipped
 # strategy picks; "explore" holds the alternatives timed to choose it (docs/benchmarks/lightning_attention.md).
 _SPLIT = dict(skip_unused=True, reuse_states=True)
+_DKDV_POINTS = [(4, 16, 4096, 128), (1, 64, 8192, 128), (4, 16, 65536, 128), (8, 16, 2048, 128), (1, 24, 65536, 128),
+                (4, 24, 16384, 128), (2, 16, 16384, 128), (16, 16, 16384, 128), (1, 8, 4096, 128), (2, 16, 1024, 128)]
 def _legacy_points():
     """Grid points where the first segment rule (LEGACY) splits differently from the shipped one (and
     one where both split the same way: there only the skipped walk and the reused states differ).
@@ -58,7 +60,7 @@ def _legacy_points():
     for B, H, T, D in GRID:
         N, tiles = -(-T // 64), D // 64
         kw = dict(Dx=D, Dy=D, BV=64, steps=3, lean=False, segments=None,
-                  **{k: v for k, v in g.STRATEGY.items() if k not in ("lean", "reuse_states")})
+                  **{k: v for k, v in g.STRATEGY.items() if k not in ("lean", "reuse_states", "fused_dkdv", "fused_step_cost", "bwd_launch_cost")})
         f = g.segments_for(B, H, tiles, N, **kw)
         b = g.segments_for(B, H, tiles, N, backward=True, fwd_segments=f, **kw)
         legacy = g.pick_segments(B * H * tiles, N)
@@ -79,6 +81,13 @@ PRESETS = {
         "P8_split_lean_s2": (dict(segments=8, lean=True, steps=2, **_SPLIT), [(1, 8, 131072, 128)]),
         "P1": (dict(segments=1), [(2, 16, 16384, 128)]),
         "P4_split": (dict(segments=4, **_SPLIT), [(2, 16, 16384, 128), (1, 8, 1024, 128)]),
+    },
+    # the fused dk/dv walk (gpu_mosaic_dkdv) against the two walks it replaces, and at one backward segment
+    "dkdv": {
+        "fused_dkdv": ({}, _DKDV_POINTS),
+        "separate_dkdv": (dict(fused_dkdv=False), _DKDV_POINTS),
+        "fused_bwd_P1": (dict(bwd_segments=1), [
+            (4, 16, 4096, 128), (1, 64, 8192, 128), (4, 16, 65536, 128), (2, 16, 1024, 128)]),
     },
 }
 

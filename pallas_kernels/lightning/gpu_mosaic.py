@@ -44,34 +44,20 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_kernels.lightning import common as cm
+from pallas_kernels.lightning import gpu_mosaic_dkdv as dkdv
 from pallas_kernels.lightning import gpu_triton
-from pallas_kernels.lightning.segments import CHUNK, LAM_PAD, STRATEGY, segments_for
+from pallas_kernels.lightning import mosaic_common as mc
+from pallas_kernels.lightning.segments import CHUNK, LAM_PAD, STRATEGY, backward_plan, segments_for
 
 F32 = jnp.float32
 # CHUNK: the kernel's chunk; LAM_PAD: the rates travel as [H, 32] float32 rows (a TMA copy moves a
 # multiple of 128 bytes)
 
 
-def _interpret_params():
-    try:
-        from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
-    except ImportError:  # older JAX: no Mosaic GPU interpreter
-        return None
-    return InterpretGPUParams()
-
-
-def interpret_supported() -> bool:
-    return _interpret_params() is not None
-
-
-def _compiler_params():
-    # Lane semantics (per-thread register arrays) is the mode whose lowering broadcasts scalars.
-    sem = getattr(getattr(plgpu, "LoweringSemantics", None), "Lane", None)
-    try:
-        return plgpu.CompilerParams(approx_math=False, lowering_semantics=sem) if sem is not None else \
-            plgpu.CompilerParams(approx_math=False)
-    except TypeError:  # a JAX without the field
-        return plgpu.CompilerParams(approx_math=False)
+_interpret_params = mc.interpret_params
+interpret_supported = mc.interpret_supported
+_compiler_params = mc.compiler_params
+_transforms = mc.transforms
 
 
 def supported_call(dtype, C, interpret=False) -> bool:
@@ -87,11 +73,6 @@ def supported_call(dtype, C, interpret=False) -> bool:
 def supported(q, v, C, interpret=False) -> bool:
     """``supported_call`` and head dims that are multiples of 64 (``lightning_pallas`` pads them)."""
     return supported_call(q.dtype, C, interpret) and q.shape[-1] % 64 == 0 and v.shape[-1] % 64 == 0
-
-
-def _transforms(dtype):
-    """SMEM layout for TMA and wgmma: 128-byte swizzled rows of 8-row tiles."""
-    return plgpu.TilingTransform((8, 128 // jnp.dtype(dtype).itemsize)), plgpu.SwizzleTransform(128)
 
 
 def _walk_kernel(*refs, T, C, L, seg0, BV, Dy, steps, dtype, reverse, with_out, docs, interp, lean, from_zero):
@@ -111,8 +92,7 @@ def _walk_kernel(*refs, T, C, L, seg0, BV, Dy, steps, dtype, reverse, with_out, 
     lam_smem, bars = refs
     bi, hi, ji, si = (lax.axis_index(a) for a in ("b", "h", "j", "s"))
     cols = pl.ds(ji * BV, BV)
-    wg = plgpu.Layout.WGMMA
-    row_layout = wg.reduce(1)
+    regs = mc.Regs(interp)
     st_type = plgpu.SMEM((Dy, BV), F32, transforms=_transforms(F32))
 
     def with_state_buffer(f):
@@ -120,24 +100,7 @@ def _walk_kernel(*refs, T, C, L, seg0, BV, Dy, steps, dtype, reverse, with_out, 
         scoped to this use, whose shared memory the pipeline's buffers reuse."""
         return pl.run_scoped(f, st_type) if lean else f(st_smem)
 
-    # The interpreter has no register layouts: plain iotas, loads and dots there.
-    def iota(shape, dim, layout):
-        if interp:
-            return lax.broadcasted_iota(jnp.int32, shape, dim)
-        return plgpu.broadcasted_iota(jnp.int32, shape, dim, layout=layout)
-
-    def load_wg(ref):
-        return ref[...] if interp else plgpu.load(ref, (), layout=wg)
-
-    def zeros(shape):
-        z = jnp.zeros(shape, F32)
-        return z if interp else plgpu.layout_cast(z, wg if len(shape) == 2 else row_layout)
-
-    def load_rows(ref):
-        return ref[...] if interp else plgpu.load(ref, (), layout=row_layout)
-
-    def dot(u, w, dims):
-        return lax.dot_general(u, w, (dims, ((), ())), preferred_element_type=F32)
+    load_wg, zeros, load_rows, dot = regs.load, regs.zeros, regs.load_rows, regs.dot
 
     plgpu.copy_gmem_to_smem(lam_ref.at[hi], lam_smem, bars.at[1])
     if from_zero:  # local state walks of segments start from zero: nothing to load
@@ -150,20 +113,18 @@ def _walk_kernel(*refs, T, C, L, seg0, BV, Dy, steps, dtype, reverse, with_out, 
         S0 = with_state_buffer(load_state)
     plgpu.barrier_wait(bars.at[1])
     lam = lam_smem[0]  # scalar rate of this head
-    rows = iota((C,), 0, row_layout).astype(F32)
+    rows = regs.iota((C,), 0).astype(F32)
 
     c2 = M = None
     if with_out:  # intra-chunk decay mask, built once: D (forward) or D^T (reverse walk)
-        r2, c2 = iota((C, C), 0, wg), iota((C, C), 1, wg)
-        dist = (c2 - r2) if reverse else (r2 - c2)
-        M = jnp.where(dist >= 0, jnp.exp(-lam * jnp.maximum(dist, 0).astype(F32)), zeros((C, C)))
+        M, c2 = mc.decay_mask(regs, lam, C, reverse)
     # the chunk a pipeline step visits: reverse walks take a segment's chunks last to first
     # (seg0: the walk's segments are the sequence's segments seg0, seg0 + 1, ...)
     seg = si + seg0
     chunk = (lambda i: seg * L + L - 1 - i) if reverse else (lambda i: seg * L + i)
 
     def bcast(row, width):
-        return lax.broadcast_in_dim(row, (C, width), [0])
+        return mc.bcast(row, C, width)
 
     def step(idx, *bufs):
         if docs:
@@ -172,21 +133,14 @@ def _walk_kernel(*refs, T, C, L, seg0, BV, Dy, steps, dtype, reverse, with_out, 
         n = chunk(idx[0])
         # Real rows of this chunk: the last may be short, chunks past T have none (identity steps).
         m = jnp.clip(T - n * C, 0, C).astype(F32)
-        # a and b as [C] row vectors and g (padded rows are zero in every input, so b's exponent is
-        # clamped there instead of masked).
-        a = jnp.exp(-lam * (rows + 1.0))
-        b = jnp.exp(-lam * jnp.maximum(m - 1.0 - rows, 0.0))
-        g = jnp.exp(-lam * m)
         M_chunk = M
         if docs:  # packed documents: see doc_bounds
             first, last = load_rows(first_smem), load_rows(last_smem)
-            a = jnp.where(first < 0, a, zeros((C,)))  # rows that continue the entering state's document
-            b = jnp.where(last == C - 1, b, zeros((C,)))  # rows of the document that leaves the chunk
-            g = g * (first_smem[C - 1] < 0).astype(F32)  # a document starts in the chunk: no carry
-            if with_out:  # P only within a document: columns from its first row (forward) or to its last
-                bound = lax.broadcast_in_dim(last if reverse else jnp.maximum(first, 0), (C, C), [0])
-                same = (c2 <= bound) if reverse else (c2 >= bound)
-                M_chunk = jnp.where(same, M, zeros((C, C)))
+            a, b, g = mc.chunk_decays(regs, lam, rows, m, C, docs=(first, last, first_smem))
+            if with_out:
+                M_chunk = mc.doc_mask(regs, M, c2, first, last, C, reverse)
+        else:
+            a, b, g = mc.chunk_decays(regs, lam, rows, m, C)
         r_out, r_st = (b, a) if reverse else (a, b)
 
         # Operands of the products that do not need P: bf16(S) and r_st * Z, in SMEM.
@@ -406,6 +360,8 @@ def fwd(q, k, v, decay, h0, *, T, C, BV=64, BK=None, steps=2, segments=None, seg
     Dv = v.shape[-1]
     BV = min(BV, Dv)
     reuse, lean, skip = strat.pop("reuse_states"), strat.pop("lean"), strat["skip_unused"]
+    for key in ("fused_dkdv", "fused_step_cost", "bwd_launch_cost"):  # the backward's
+        strat.pop(key)
     P = segments_for(B, H, Dv // BV, Tp // C, Dx=Dk, Dy=Dk, BV=BV, steps=steps, lean=lean, segments=segments,
                   **strat)
     qp, kp, vp = _pad_chunks([q, k, v], C, P)
@@ -421,8 +377,9 @@ def fwd(q, k, v, decay, h0, *, T, C, BV=64, BK=None, steps=2, segments=None, seg
 
 def bwd(q, k, v, decay, h0, do, dht, *, T, C, BK=64, BV=64, steps=2, segments=None, segment_ids=None,
         interpret=False, fwd_states=None, **kw):
-    """(dq, dk, dv, dh0) from three walks (see the module docstring); the Triton fused backward where
-    Mosaic does not apply. With segments, the dq walk starts each segment from the forward's entering
+    """(dq, dk, dv, dh0) from three walks (see the module docstring), or two where the fused dk/dv walk
+    applies (``fused_dkdv``, Dv = 128; ``gpu_mosaic_dkdv``); the Triton fused backward where Mosaic does
+    not apply. With segments, the dq walk starts each segment from the forward's entering
     state (``fwd_states`` from ``fwd(return_states=True)`` when the segment counts agree, else a
     state-only walk) and the dk and dv walks from the state cotangent entering it from the right."""
     strat, triton_kw = _strategy(dict(kw))
@@ -434,11 +391,15 @@ def bwd(q, k, v, decay, h0, do, dht, *, T, C, BK=64, BV=64, steps=2, segments=No
     Dv = v.shape[-1]
     BK, BV = min(BK, Dk), min(BV, Dv)
     reuse, lean, skip = strat.pop("reuse_states"), strat.pop("lean"), strat["skip_unused"]
+    fused = strat.pop("fused_dkdv") and dkdv.supported(Dk, Dv)
+    fused_cost, bwd_launch = strat.pop("fused_step_cost"), strat.pop("bwd_launch_cost")
     # the forward's segment count (as fwd picks it with the same tuning): its states can be reused
     fwd_P = segments_for(B, H, Dv // BV, Tp // C, Dx=Dk, Dy=Dk, BV=BV, steps=steps, lean=lean, segments=segments,
                       **strat) if reuse else None
-    P = segments_for(B, H, min(Dk // BK, Dv // BV), Tp // C, Dx=max(Dk, Dv), Dy=max(Dk, Dv), BV=max(BK, BV),
-                  steps=steps, lean=lean, segments=segments, backward=True, fwd_segments=fwd_P, **strat)
+    strat["launch_cost"] = bwd_launch  # a split costs more in the backward (measured, docs/kernels.md)
+    P, fused = backward_plan(B, H, min(Dk // BK, Dv // BV), Tp // C, Dx=max(Dk, Dv), Dy=max(Dk, Dv),
+                             BV=max(BK, BV), steps=steps, lean=lean, segments=segments, fwd_segments=fwd_P,
+                             fused_dkdv=fused, fused_step_cost=fused_cost, **strat)
     qp, kp, vp, dop = _pad_chunks([q, k, v, do.astype(q.dtype)], C, P)
     docs = None if segment_ids is None else doc_bounds(segment_ids, qp.shape[2], C, P)
     kw = dict(T=T, C=C, steps=steps, interpret=interpret, docs=docs, lean=lean)
@@ -448,6 +409,10 @@ def bwd(q, k, v, decay, h0, do, dht, *, T, C, BK=64, BV=64, steps=2, segments=No
         E_fwd = _entering_states(vp, kp, decay, _t(h0), P=P, reverse=False, BV=BK, skip_unused=skip, **kw)
     dq, _ = _walk(dop, vp, kp, decay, E_fwd, BV=BK, **kw)
     E_rev = _entering_states(qp, dop, decay, dht, P=P, reverse=True, BV=BV, skip_unused=skip, **kw)  # [.., Dk, Dv]
-    dv, dS = _walk(kp, qp, dop, decay, E_rev, reverse=True, BV=BV, **kw)
-    dk, _ = _walk(vp, dop, qp, decay, _t(E_rev), reverse=True, BV=BK, **kw)
+    if fused:  # one walk reads q, k, v, dO once (gpu_mosaic_dkdv)
+        dk, dv, dS = dkdv.dkdv_walk(qp, kp, vp, dop, decay, E_rev, T=T, C=C, steps=steps, docs=docs,
+                                    interpret=interpret)
+    else:
+        dv, dS = _walk(kp, qp, dop, decay, E_rev, reverse=True, BV=BV, **kw)
+        dk, _ = _walk(vp, dop, qp, decay, _t(E_rev), reverse=True, BV=BK, **kw)
     return dq[:, :, :Tp], dk[:, :, :Tp], dv[:, :, :Tp], dS[:, :, 0]

@@ -30,15 +30,17 @@ def sm_count(default=132):
 
 
 def segment_cost(programs, N, P, *, slots, state_cost, join_cost, launch_cost, skip_unused=True, out_walks=1,
-                 state_walks=1):
+                 state_walks=1, other_walks=()):
     """Predicted time of a pass split into P segments, in units of one chunk step of an output walk on
     one SM: ``out_walks`` output walks of ``waves`` x ``L`` steps (``slots`` programs run at once, L
     chunks per segment), and for P > 1 ``state_walks`` state-only walks (a step costs ``state_cost``;
     with ``skip_unused`` the segment whose local state nobody reads is not walked), each with a join
-    (``launch_cost`` for the extra launches plus ``join_cost`` per segment)."""
+    (``launch_cost`` for the extra launches plus ``join_cost`` per segment). ``other_walks``: more output
+    walks of another kernel, as (programs per segment, programs per wave, cost of a step)."""
     L = -(-N // P)
-    waves = lambda units: -(-units // slots)  # noqa: E731
+    waves = lambda units, slots=slots: -(-units // slots)  # noqa: E731
     cost = out_walks * waves(programs * P) * L
+    cost += sum(step * waves(n * P, per_wave) * L for n, per_wave, step in other_walks)
     if P > 1:
         walked = programs * (P - 1 if skip_unused else P)
         cost += state_walks * (waves(walked) * L * state_cost + launch_cost + join_cost * P)
@@ -46,22 +48,24 @@ def segment_cost(programs, N, P, *, slots, state_cost, join_cost, launch_cost, s
 
 
 def plan_segments(programs, N, *, slots, state_cost, join_cost, launch_cost, min_chunks, skip_unused=True,
-                  out_walks=1, state_walks=lambda P: 1, pad_units=6, margin=0.05, max_segments=512):
+                  out_walks=1, state_walks=lambda P: 1, pad_units=6, margin=0.05, max_segments=512, other_walks=(),
+                  return_cost=False):
     """The segment count with the least predicted time (``segment_cost``) among those that keep at least
     ``min_chunks`` chunks per segment. A count that does not divide N needs a padded copy of the
     inputs: ``pad_units`` tensor passes (read and write) against the 4 of an output walk. A count
-    replaces a smaller one only when it is predicted ``margin`` faster (the model is rough)."""
+    replaces a smaller one only when it is predicted ``margin`` faster (the model is rough). With
+    ``return_cost``: (count, its predicted cost)."""
     def cost(P):
         c = segment_cost(programs, N, P, slots=slots, state_cost=state_cost, join_cost=join_cost,
                          launch_cost=launch_cost, skip_unused=skip_unused, out_walks=out_walks,
-                         state_walks=state_walks(P))
+                         state_walks=state_walks(P), other_walks=other_walks)
         return c + (pad_units / 4 * programs * N / slots if N % P else 0.0)
     best, best_cost = 1, cost(1)
     for P in range(2, min(max_segments, N // max(1, min_chunks)) + 1):
         c = cost(P)
         if c < best_cost * (1 - margin):
             best, best_cost = P, c
-    return best
+    return (best, best_cost) if return_cost else best
 
 
 # Shared memory per SM and per block on Hopper (bytes), and what the hardware reserves per block.
@@ -86,26 +90,58 @@ def programs_per_sm(smem, max_programs=2):
 
 
 def segments_for(B, H, tiles, N, *, Dx, Dy, BV, steps, lean, segments, rule, target_programs, state_cost,
-              join_cost, launch_cost, min_chunks, skip_unused, backward=False, fwd_segments=None):
-    """Segments per sequence for one pass (forward, or with ``backward`` the three backward walks, whose
-    forward-direction state walk is saved when the segment count equals the forward's,
-    ``fwd_segments``) of ``tiles`` column tiles per (b, h)."""
+              join_cost, launch_cost, min_chunks, skip_unused, backward=False, fwd_segments=None, fused_dkdv=False,
+              fused_step_cost=2.8, bwd_launch_cost=20.0):
+    """Segments per sequence for one pass: the forward, or with ``backward`` the backward's walks
+    (``backward_plan``)."""
+    if backward:
+        return backward_plan(B, H, tiles, N, Dx=Dx, Dy=Dy, BV=BV, steps=steps, lean=lean, segments=segments, rule=rule,
+                             target_programs=target_programs, state_cost=state_cost, join_cost=join_cost,
+                             launch_cost=bwd_launch_cost, min_chunks=min_chunks, skip_unused=skip_unused,
+                             fwd_segments=fwd_segments, fused_dkdv=fused_dkdv, fused_step_cost=fused_step_cost)[0]
     if segments:
         return int(segments)
     if rule == "programs":
         return pick_segments(B * H * tiles, N, target=target_programs)
+    _check_rule(rule)
+    slots = sm_count() * programs_per_sm(walk_smem_bytes(Dx, Dy, BV, steps, lean=lean))
+    return plan_segments(B * H * tiles, N, slots=slots, state_cost=state_cost, join_cost=join_cost,
+                         launch_cost=launch_cost, min_chunks=min_chunks, skip_unused=skip_unused)
+
+
+def _check_rule(rule):
     if rule != "waves":
         raise ValueError(f"mosaic_gpu lightning kernel: rule={rule!r}; expected 'programs' or 'waves'")
+
+
+def backward_plan(B, H, tiles, N, *, Dx, Dy, BV, steps, lean, segments, rule, target_programs, state_cost,
+                  join_cost, launch_cost, min_chunks, skip_unused, fwd_segments=None, fused_dkdv=False,
+                  fused_step_cost=2.8):
+    """(segments, fused) for the backward of ``tiles`` column tiles per (b, h): three walks (dq, dv, dk),
+    or with ``fused_dkdv`` (the caller checks the head dims) possibly the dq walk and the fused dk/dv walk
+    (one program per (b, h) and SM, a step costing ``fused_step_cost`` walk steps), whichever the time
+    model predicts faster, each at its best segment count. The forward-direction state walk is saved when
+    the count equals the forward's (``fwd_segments``)."""
+    if segments or rule == "programs":
+        P = int(segments) if segments else pick_segments(B * H * tiles, N, target=target_programs)
+        return P, bool(fused_dkdv)
+    _check_rule(rule)
     slots = sm_count() * programs_per_sm(walk_smem_bytes(Dx, Dy, BV, steps, lean=lean))
-    walks = (lambda P: 1 if P == fwd_segments else 2) if backward else (lambda P: 1)
-    return plan_segments(B * H * tiles, N, slots=slots, state_cost=state_cost, join_cost=join_cost,
-                         launch_cost=launch_cost, min_chunks=min_chunks, skip_unused=skip_unused,
-                         out_walks=3 if backward else 1, state_walks=walks, pad_units=8 if backward else 6)
+    kw = dict(slots=slots, state_cost=state_cost, join_cost=join_cost, launch_cost=launch_cost,
+              min_chunks=min_chunks, skip_unused=skip_unused, pad_units=8, return_cost=True,
+              state_walks=lambda P: 1 if P == fwd_segments else 2)
+    P, cost = plan_segments(B * H * tiles, N, out_walks=3, **kw)
+    if not fused_dkdv:
+        return P, False
+    P_f, cost_f = plan_segments(B * H * tiles, N, out_walks=1,
+                                other_walks=((B * H, sm_count(), fused_step_cost),), **kw)
+    return (P_f, True) if cost_f <= cost else (P, False)
 
 
 # Strategy defaults: see docs/kernels.md ("Choosing segments") for the measurements behind them. The
 # first rule ("programs": the smallest power of two reaching 128 programs, no skipped walk, no reuse) is
 # kept for comparison: tuning={"rule": "programs", "skip_unused": False, "reuse_states": False}.
 STRATEGY = dict(rule="waves", target_programs=128, state_cost=0.4, join_cost=0.5, launch_cost=6.0, min_chunks=8,
-                skip_unused=True, lean=False, reuse_states=True)
-LEGACY = dict(rule="programs", skip_unused=False, reuse_states=False)
+                skip_unused=True, lean=False, reuse_states=True, fused_dkdv=True, fused_step_cost=2.8,
+                bwd_launch_cost=20.0)
+LEGACY = dict(rule="programs", skip_unused=False, reuse_states=False, fused_dkdv=False)
