@@ -82,9 +82,11 @@ PRESETS = {
         "P1": (dict(segments=1), [(2, 16, 16384, 128)]),
         "P4_split": (dict(segments=4, **_SPLIT), [(2, 16, 16384, 128), (1, 8, 1024, 128)]),
     },
-    # the fused dk/dv walk (gpu_mosaic_dkdv) against the two walks it replaces, and at one backward segment
+    # the fused dk/dv walk (gpu_mosaic_dkdv) wherever it applies, the two walks it replaces, the fused walk
+    # at one backward segment, and the shipped plan (segments.backward_plan), which picks between them
     "dkdv": {
-        "fused_dkdv": ({}, _DKDV_POINTS),
+        "fused_dkdv": (dict(fused_dkdv="always"), _DKDV_POINTS),
+        "shipped_plan": ({}, _DKDV_POINTS),
         "separate_dkdv": (dict(fused_dkdv=False), _DKDV_POINTS),
         "fused_bwd_P1": (dict(bwd_segments=1), [
             (4, 16, 4096, 128), (1, 64, 8192, 128), (4, 16, 65536, 128), (2, 16, 1024, 128)]),

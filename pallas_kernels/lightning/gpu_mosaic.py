@@ -391,7 +391,10 @@ def bwd(q, k, v, decay, h0, do, dht, *, T, C, BK=64, BV=64, steps=2, segments=No
     Dv = v.shape[-1]
     BK, BV = min(BK, Dk), min(BV, Dv)
     reuse, lean, skip = strat.pop("reuse_states"), strat.pop("lean"), strat["skip_unused"]
-    fused = strat.pop("fused_dkdv") and dkdv.supported(Dk, Dv)
+    fused = strat.pop("fused_dkdv")
+    if fused not in (True, False, "always"):
+        raise ValueError(f"mosaic_gpu lightning kernel: fused_dkdv={fused!r}; expected True, False or 'always'")
+    fused = fused if dkdv.supported(Dk, Dv) else False
     fused_cost, bwd_launch = strat.pop("fused_step_cost"), strat.pop("bwd_launch_cost")
     # the forward's segment count (as fwd picks it with the same tuning): its states can be reused
     fwd_P = segments_for(B, H, Dv // BV, Tp // C, Dx=Dk, Dy=Dk, BV=BV, steps=steps, lean=lean, segments=segments,

@@ -120,8 +120,9 @@ def backward_plan(B, H, tiles, N, *, Dx, Dy, BV, steps, lean, segments, rule, ta
     """(segments, fused) for the backward of ``tiles`` column tiles per (b, h): three walks (dq, dv, dk),
     or with ``fused_dkdv`` (the caller checks the head dims) possibly the dq walk and the fused dk/dv walk
     (one program per (b, h) and SM, a step costing ``fused_step_cost`` walk steps), whichever the time
-    model predicts faster, each at its best segment count. The forward-direction state walk is saved when
-    the count equals the forward's (``fwd_segments``)."""
+    model predicts faster, each at its best segment count; ``fused_dkdv="always"``: the fused walk at its
+    best count. The forward-direction state walk is saved when the count equals the forward's
+    (``fwd_segments``)."""
     if segments or rule == "programs":
         P = int(segments) if segments else pick_segments(B * H * tiles, N, target=target_programs)
         return P, bool(fused_dkdv)
@@ -135,7 +136,7 @@ def backward_plan(B, H, tiles, N, *, Dx, Dy, BV, steps, lean, segments, rule, ta
         return P, False
     P_f, cost_f = plan_segments(B * H * tiles, N, out_walks=1,
                                 other_walks=((B * H, sm_count(), fused_step_cost),), **kw)
-    return (P_f, True) if cost_f <= cost else (P, False)
+    return (P_f, True) if (cost_f <= cost or fused_dkdv == "always") else (P, False)
 
 
 # Strategy defaults: see docs/kernels.md ("Choosing segments") for the measurements behind them. The

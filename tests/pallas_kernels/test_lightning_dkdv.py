@@ -77,6 +77,7 @@ def test_public_op_gradients_through_the_fused_walk(monkeypatch):
 @pytest.mark.parametrize("Dk,Dv,tuning,fused", [
     (64, 128, None, True), (128, 128, None, True), (64, 64, None, False), (128, 256, None, False),
     (64, 128, {"fused_dkdv": False}, False), (64, 128, dict(sg.LEGACY), False),
+    (64, 128, {"fused_dkdv": "always"}, True), (64, 64, {"fused_dkdv": "always"}, False),
 ])
 def test_where_the_backward_takes_the_fused_walk(monkeypatch, Dk, Dv, tuning, fused):
     calls = _spy(monkeypatch)
@@ -110,6 +111,7 @@ def test_backward_plan_chooses_the_form_and_its_segments(monkeypatch):
     assert _plan(1, 64, 8192, fused_dkdv=True) == (1, False)
     P, fused = _plan(1, 8, 131072, fused_dkdv=True)
     assert fused and P * 8 >= 128  # one wave of fused programs on 132 SMs
+    assert _plan(1, 64, 8192, fused_dkdv="always") == (2, True)  # the fused walk at its own count
     assert _plan(16, 16, 16384, fused_dkdv=False)[1] is False
     assert _plan(16, 16, 16384, fused_dkdv=True, segments=4) == (4, True)
     assert _plan(1, 8, 131072, fused_dkdv=False, strat=dict(rule="programs")) == (8, False)
@@ -120,6 +122,14 @@ def test_fused_walk_fits_in_shared_memory():
     for Dk in (64, 128):
         assert dkdv.smem_bytes(Dk, dkdv.pipeline_steps(Dk, 3)) <= 227 * 1024
     assert dkdv.smem_bytes(128, 3) > 227 * 1024  # why Dk = 128 takes two stages
+
+
+def test_fused_dkdv_option_is_checked():
+    x = make(1, 1, 100, 64, jnp.bfloat16, seed=1, Dv=128)
+    f = lambda q, k, v, d, initial_state: lop.lightning_attention_kernel(  # noqa: E731
+        q, k, v, d, initial_state=initial_state, impl="mosaic_gpu", interpret=True, tuning={"fused_dkdv": "yes"})
+    with pytest.raises(ValueError, match="fused_dkdv='yes'"):
+        jax.make_jaxpr(lambda x: value_and_grads(f, x))(x)
 
 
 def test_fused_walk_rejects_other_head_dims():
