@@ -378,7 +378,7 @@ def fwd(q, k, v, decay, h0, *, T, C, BV=64, BK=None, steps=2, segments=None, seg
 def bwd(q, k, v, decay, h0, do, dht, *, T, C, BK=64, BV=64, steps=2, segments=None, segment_ids=None,
         interpret=False, fwd_states=None, **kw):
     """(dq, dk, dv, dh0) from three walks (see the module docstring), or two where the fused dk/dv walk
-    applies (``fused_dkdv``, Dv = 128; ``gpu_mosaic_dkdv``); the Triton fused backward where Mosaic does
+    applies (``fused_dkdv``, Dk = Dv = 128; ``gpu_mosaic_dkdv``); the Triton fused backward where Mosaic does
     not apply. With segments, the dq walk starts each segment from the forward's entering
     state (``fwd_states`` from ``fwd(return_states=True)`` when the segment counts agree, else a
     state-only walk) and the dk and dv walks from the state cotangent entering it from the right."""
@@ -394,7 +394,7 @@ def bwd(q, k, v, decay, h0, do, dht, *, T, C, BK=64, BV=64, steps=2, segments=No
     fused = strat.pop("fused_dkdv")
     if fused not in (True, False, "always"):
         raise ValueError(f"mosaic_gpu lightning kernel: fused_dkdv={fused!r}; expected True, False or 'always'")
-    fused = fused if dkdv.supported(Dk, Dv) else False
+    fused = fused if dkdv.supported(Dk, Dv, interpret) else False
     fused_cost, bwd_launch = strat.pop("fused_step_cost"), strat.pop("bwd_launch_cost")
     # the forward's segment count (as fwd picks it with the same tuning): its states can be reused
     fwd_P = segments_for(B, H, Dv // BV, Tp // C, Dx=Dk, Dy=Dk, BV=BV, steps=steps, lean=lean, segments=segments,
