@@ -6,6 +6,8 @@
 #   bash scripts/measure_pending.sh generate    # issue 17: batch-64 prefill, the MoE decode paths (dense, fused)
 #   bash scripts/measure_pending.sh weights     # issue 17: float32 weights cast once or per step; weight-slice copies
 #   bash scripts/measure_pending.sh train       # issue 12: the small step's compile time after kernel sharing
+#   bash scripts/measure_pending.sh lightning   # issue 15: the shipped backward plan with the fused dk/dv walk, fla
+#   bash scripts/measure_pending.sh train_mfu   # the small and medium train steps with the fused dk/dv walk
 #
 # The results of 2026-12-01 and what they decided: docs/benchmarks/generate.md ("Run 5") and docs/benchmarks/training.md.
 set -uo pipefail
@@ -50,8 +52,22 @@ case "${1:-}" in
     XLA_FLAGS=--xla_gpu_autotune_level=0 XLA_PYTHON_CLIENT_MEM_FRACTION=0.95 step train_small_noautotune 230 \
       python benchmarks/train_mfu.py --preset small --variants b2 --steps 4 --budget_s 200 --out "$OUT/train_small_noautotune.json"
     ;;
+  lightning)
+    # issue 15: the shipped backward plan (segments.backward_plan) on the whole grid, the dkdv comparison, fla at the
+    # benchmark shapes, compiled checks; then the fused walk shape by shape with an initial state (docs/benchmarks/lightning_attention.md)
+    step sweep_shipped 480 python benchmarks/lightning_attention.py --mode sweep --out "$OUT/sweep" --tag shipped \
+      --variants default,dkdv --fla --checks --workers 6 --mem-fraction 0.12 --budget 420
+    step dkdv 100 python benchmarks/lightning_dkdv.py --out "$OUT/dkdv" --state --shapes 16x16x16384x128,1x8x131072x128
+    ;;
+  train_mfu)
+    # the train steps with the fused dk/dv walk (docs/benchmarks/training.md measured them before it)
+    XLA_PYTHON_CLIENT_MEM_FRACTION=0.95 step train_mfu_small 240 python benchmarks/train_mfu.py --preset small \
+      --variants b2 --steps 4 --budget_s 220 --out "$OUT/train_mfu_small.json"
+    XLA_PYTHON_CLIENT_MEM_FRACTION=0.95 step train_mfu_medium 330 python benchmarks/train_mfu.py --preset medium \
+      --variants b4-mb4 --steps 4 --budget_s 300 --out "$OUT/train_mfu_medium.json"
+    ;;
   *)
-    echo "usage: bash scripts/measure_pending.sh generate|weights|train   (results under \$OUT, default $OUT)" >&2
+    echo "usage: bash scripts/measure_pending.sh generate|weights|train|lightning|train_mfu   (results under \$OUT, default $OUT)" >&2
     exit 2
     ;;
 esac
