@@ -60,7 +60,7 @@ def _legacy_points():
     for B, H, T, D in GRID:
         N, tiles = -(-T // 64), D // 64
         kw = dict(Dx=D, Dy=D, BV=64, steps=3, lean=False, segments=None,
-                  **{k: v for k, v in g.STRATEGY.items() if k not in ("lean", "reuse_states", "fused_dkdv", "fused_step_cost", "bwd_launch_cost")})
+                  **{k: v for k, v in g.STRATEGY.items() if k not in ("lean", "reuse_states")})
         f = g.segments_for(B, H, tiles, N, **kw)
         b = g.segments_for(B, H, tiles, N, backward=True, fwd_segments=f, **kw)
         legacy = g.pick_segments(B * H * tiles, N)

@@ -360,8 +360,6 @@ def fwd(q, k, v, decay, h0, *, T, C, BV=64, BK=None, steps=2, segments=None, seg
     Dv = v.shape[-1]
     BV = min(BV, Dv)
     reuse, lean, skip = strat.pop("reuse_states"), strat.pop("lean"), strat["skip_unused"]
-    for key in ("fused_dkdv", "fused_step_cost", "bwd_launch_cost"):  # the backward's
-        strat.pop(key)
     P = segments_for(B, H, Dv // BV, Tp // C, Dx=Dk, Dy=Dk, BV=BV, steps=steps, lean=lean, segments=segments,
                   **strat)
     qp, kp, vp = _pad_chunks([q, k, v], C, P)
@@ -391,18 +389,16 @@ def bwd(q, k, v, decay, h0, do, dht, *, T, C, BK=64, BV=64, steps=2, segments=No
     Dv = v.shape[-1]
     BK, BV = min(BK, Dk), min(BV, Dv)
     reuse, lean, skip = strat.pop("reuse_states"), strat.pop("lean"), strat["skip_unused"]
-    fused = strat.pop("fused_dkdv")
-    if fused not in (True, False, "always"):
-        raise ValueError(f"mosaic_gpu lightning kernel: fused_dkdv={fused!r}; expected True, False or 'always'")
-    fused = fused if dkdv.supported(Dk, Dv, interpret) else False
-    fused_cost, bwd_launch = strat.pop("fused_step_cost"), strat.pop("bwd_launch_cost")
+    if strat["fused_dkdv"] not in (True, False, "always"):
+        raise ValueError(f"mosaic_gpu lightning kernel: fused_dkdv={strat['fused_dkdv']!r}; expected True, False "
+                         f"or 'always'")
+    if not dkdv.supported(Dk, Dv, interpret):
+        strat["fused_dkdv"] = False
     # the forward's segment count (as fwd picks it with the same tuning): its states can be reused
     fwd_P = segments_for(B, H, Dv // BV, Tp // C, Dx=Dk, Dy=Dk, BV=BV, steps=steps, lean=lean, segments=segments,
                       **strat) if reuse else None
-    strat["launch_cost"] = bwd_launch  # a split costs more in the backward (measured, docs/kernels.md)
     P, fused = backward_plan(B, H, min(Dk // BK, Dv // BV), Tp // C, Dx=max(Dk, Dv), Dy=max(Dk, Dv),
-                             BV=max(BK, BV), steps=steps, lean=lean, segments=segments, fwd_segments=fwd_P,
-                             fused_dkdv=fused, fused_step_cost=fused_cost, **strat)
+                             BV=max(BK, BV), steps=steps, lean=lean, segments=segments, fwd_segments=fwd_P, **strat)
     qp, kp, vp, dop = _pad_chunks([q, k, v, do.astype(q.dtype)], C, P)
     docs = None if segment_ids is None else doc_bounds(segment_ids, qp.shape[2], C, P)
     kw = dict(T=T, C=C, steps=steps, interpret=interpret, docs=docs, lean=lean)

@@ -93,12 +93,13 @@ def segments_for(B, H, tiles, N, *, Dx, Dy, BV, steps, lean, segments, rule, tar
               join_cost, launch_cost, min_chunks, skip_unused, backward=False, fwd_segments=None, fused_dkdv=False,
               fused_step_cost=2.8, bwd_launch_cost=20.0):
     """Segments per sequence for one pass: the forward, or with ``backward`` the backward's walks
-    (``backward_plan``)."""
+    (``backward_plan``; the forward ignores the backward's keys)."""
     if backward:
         return backward_plan(B, H, tiles, N, Dx=Dx, Dy=Dy, BV=BV, steps=steps, lean=lean, segments=segments, rule=rule,
                              target_programs=target_programs, state_cost=state_cost, join_cost=join_cost,
-                             launch_cost=bwd_launch_cost, min_chunks=min_chunks, skip_unused=skip_unused,
-                             fwd_segments=fwd_segments, fused_dkdv=fused_dkdv, fused_step_cost=fused_step_cost)[0]
+                             launch_cost=launch_cost, min_chunks=min_chunks, skip_unused=skip_unused,
+                             fwd_segments=fwd_segments, fused_dkdv=fused_dkdv, fused_step_cost=fused_step_cost,
+                             bwd_launch_cost=bwd_launch_cost)[0]
     if segments:
         return int(segments)
     if rule == "programs":
@@ -116,19 +117,21 @@ def _check_rule(rule):
 
 def backward_plan(B, H, tiles, N, *, Dx, Dy, BV, steps, lean, segments, rule, target_programs, state_cost,
                   join_cost, launch_cost, min_chunks, skip_unused, fwd_segments=None, fused_dkdv=False,
-                  fused_step_cost=2.8):
+                  fused_step_cost=2.8, bwd_launch_cost=20.0):
     """(segments, fused) for the backward of ``tiles`` column tiles per (b, h): three walks (dq, dv, dk),
     or with ``fused_dkdv`` (the caller checks the head dims) possibly the dq walk and the fused dk/dv walk
     (one program per (b, h) and SM, a step costing ``fused_step_cost`` walk steps), whichever the time
     model predicts faster, each at its best segment count; ``fused_dkdv="always"``: the fused walk at its
     best count. The forward-direction state walk is saved when the count equals the forward's
-    (``fwd_segments``)."""
+    (``fwd_segments``). A split costs ``bwd_launch_cost`` here (measured: more than the forward's
+    ``launch_cost``, which the backward does not use)."""
+    del launch_cost
     if segments or rule == "programs":
         P = int(segments) if segments else pick_segments(B * H * tiles, N, target=target_programs)
         return P, bool(fused_dkdv)
     _check_rule(rule)
     slots = sm_count() * programs_per_sm(walk_smem_bytes(Dx, Dy, BV, steps, lean=lean))
-    kw = dict(slots=slots, state_cost=state_cost, join_cost=join_cost, launch_cost=launch_cost,
+    kw = dict(slots=slots, state_cost=state_cost, join_cost=join_cost, launch_cost=bwd_launch_cost,
               min_chunks=min_chunks, skip_unused=skip_unused, pad_units=8, return_cost=True,
               state_walks=lambda P: 1 if P == fwd_segments else 2)
     P, cost = plan_segments(B * H * tiles, N, out_walks=3, **kw)

@@ -89,17 +89,13 @@ def test_where_the_backward_takes_the_fused_walk(monkeypatch, Dk, Dv, tuning, fu
     assert bool(calls) == fused
 
 
-def _plan(B, H, T, **kw):
-    strat = {k: v for k, v in sg.STRATEGY.items()
-             if k not in ("lean", "reuse_states", "fused_dkdv", "fused_step_cost", "bwd_launch_cost")}
-    strat["launch_cost"] = sg.STRATEGY["bwd_launch_cost"]
-    strat.update(kw.pop("strat", {}))
+def _plan(B, H, T, strat=None, **kw):
+    params = {k: v for k, v in sg.STRATEGY.items() if k not in ("lean", "reuse_states")}
+    params.update(strat or {})
     N = T // C
     base = dict(Dx=128, Dy=128, BV=64, steps=3, lean=False, segments=None)
-    fwd = sg.segments_for(B, H, 2, N, **{**base, **{k: v for k, v in sg.STRATEGY.items()
-                                                    if k in ("rule", "target_programs", "state_cost", "join_cost",
-                                                             "launch_cost", "min_chunks", "skip_unused")}})
-    return sg.backward_plan(B, H, 2, N, **{**base, **kw}, fwd_segments=fwd, fused_step_cost=2.8, **strat)
+    fwd = sg.segments_for(B, H, 2, N, **base, **params)
+    return sg.backward_plan(B, H, 2, N, **{**base, **params, **kw}, fwd_segments=fwd)
 
 
 def test_backward_plan_chooses_the_form_and_its_segments(monkeypatch):
