@@ -87,15 +87,19 @@ def ref_fn(q, k, v, decay, h0):
 
 def fwd_bwd(f, state=True):
     """Gradients of <o, dO> + sum(final state) w.r.t. q, k, v, h0 (``state``: the setting with an initial
-    state and a final-state cotangent), or of <o, dO> w.r.t. q, k, v without an initial state (training)."""
+    state and a final-state cotangent), or of <o, dO> w.r.t. q, k, v without an initial state (training); with
+    the loss value, which keeps the forward kernel in the program (gradients alone do not read o, and XLA
+    drops the kernel that computes it)."""
     def g(q, k, v, decay, h0, do):
         def loss(q, k, v, h0):
             o, ht = f(q, k, v, decay, h0)
             val = jnp.sum(o.astype(jnp.float32) * do.astype(jnp.float32))
             return val + jnp.sum(ht) if state else val
         if state:
-            return jax.grad(loss, argnums=(0, 1, 2, 3))(q, k, v, h0)
-        return jax.grad(lambda q, k, v: loss(q, k, v, None), argnums=(0, 1, 2))(q, k, v)
+            val, grads = jax.value_and_grad(loss, argnums=(0, 1, 2, 3))(q, k, v, h0)
+        else:
+            val, grads = jax.value_and_grad(lambda q, k, v: loss(q, k, v, None), argnums=(0, 1, 2))(q, k, v)
+        return grads + (val,)
     return g
 
 

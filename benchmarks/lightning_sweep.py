@@ -50,6 +50,10 @@ if os.environ.get("LIGHTNING_SWEEP_TINY"):  # dry runs of the machinery on the C
 _SPLIT = dict(skip_unused=True, reuse_states=True)
 _DKDV_POINTS = [(4, 16, 4096, 128), (1, 64, 8192, 128), (4, 16, 65536, 128), (8, 16, 2048, 128), (1, 24, 65536, 128),
                 (4, 24, 16384, 128), (2, 16, 16384, 128), (16, 16, 16384, 128), (1, 8, 4096, 128), (2, 16, 1024, 128)]
+_WIDE_POINTS = [(16, 16, 16384, 128), (8, 16, 2048, 128), (2, 16, 16384, 128), (4, 24, 16384, 128),
+                (1, 8, 131072, 128)]
+
+
 def _legacy_points():
     """Grid points where the first segment rule (LEGACY) splits differently from the shipped one (and
     one where both split the same way: there only the skipped walk and the reused states differ).
@@ -90,6 +94,14 @@ PRESETS = {
         "separate_dkdv": (dict(fused_dkdv=False), _DKDV_POINTS),
         "fused_bwd_P1": (dict(bwd_segments=1), [
             (4, 16, 4096, 128), (1, 64, 8192, 128), (4, 16, 65536, 128), (2, 16, 1024, 128)]),
+    },
+    # the wide walks (gpu_mosaic_wide) where the plan takes them: every walk narrow instead, and the forward's
+    # walks wide with the backward's narrow (a wide backward step costed as two narrow ones); and the wide walks
+    # where the plan does not take them
+    "wide": {
+        "narrow": (dict(wide=False), _WIDE_POINTS),
+        "narrow_bwd": (dict(wide_bwd_step_cost=2.0), _WIDE_POINTS),
+        "wide_always": (dict(wide="always"), [(4, 16, 4096, 128), (1, 64, 8192, 128)]),
     },
 }
 
@@ -370,7 +382,8 @@ def sweep_main(args, meta):
         variants.update(PRESETS[name])
     full = {k: v for k, v in variants.items() if v[1] is None}
     tasks = time_tasks(full, fla=args.fla, settings=True, priority=2)
-    tasks += time_tasks({k: v for k, v in variants.items() if v[1] is not None}, settings=False, priority=2)
+    # variants at a few points run after the whole grid (skipped first when time runs out)
+    tasks += time_tasks({k: v for k, v in variants.items() if v[1] is not None}, settings=False, priority=3)
     default_tuning = next(iter(full.values()))[0] if full else {}
     tasks += other_tasks(default_tuning, checks=args.checks, packed=args.checks, short=args.short)
     lock_path = os.path.join(tmp, "gpu.lock")

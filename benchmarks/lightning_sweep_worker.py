@@ -53,6 +53,8 @@ def _ours(tuning):
 
 
 def _grad_fn(f, with_state):
+    """Gradients and the loss value: the value needs the forward's outputs, so XLA keeps the forward kernel
+    (with gradients alone it drops it: a linear attention's backward does not read o)."""
     import jax
     import jax.numpy as jnp
 
@@ -62,8 +64,10 @@ def _grad_fn(f, with_state):
             val = jnp.sum(o.astype(jnp.float32) * do.astype(jnp.float32))
             return val + jnp.sum(ht * dht) if with_state else val
         if with_state:
-            return jax.grad(loss, argnums=(0, 1, 2, 3))(q, k, v, h0)
-        return jax.grad(lambda q, k, v: loss(q, k, v, None), argnums=(0, 1, 2))(q, k, v)
+            val, grads = jax.value_and_grad(loss, argnums=(0, 1, 2, 3))(q, k, v, h0)
+        else:
+            val, grads = jax.value_and_grad(lambda q, k, v: loss(q, k, v, None), argnums=(0, 1, 2))(q, k, v)
+        return grads + (val,)
     return g
 
 
@@ -255,4 +259,4 @@ def worker_main(tasks_path, out_path, lock_path, deadline):
             out.write(json.dumps(rec) + "\n")
             out.flush()
             print(("SKIP " if "skipped" in rec else "ERR " if "error" in rec else "") +
-                  json.dumps({k: rec[k] for k in rec if k not in ("tuning",)})[:400], flush=True)
+                  json.dumps({k: rec[k] for k in rec if k != "tuning" and not k.endswith("_runs")})[:600], flush=True)

@@ -20,6 +20,11 @@ One walk is the forward (X, Y, Z = Q, K, V from h0). The backward is three walks
 dV a reverse walk over (K, Q, dO) from dht, whose final state is d(h0); dK a reverse walk over
 (V, dO, Q) from dht^T.
 
+Wide walks (``gpu_mosaic_wide``): where the state is 128 columns wide, one program of two compute warpgroups
+and a memory warpgroup walks both 64-column pieces, reading X and Y once. The plan (``segments.forward_plan``,
+``backward_plan``) takes them where they are predicted faster: where B * H fills the SMs or a narrow split
+would need twice the segments (``tuning={"wide": False | "always"}`` overrides it).
+
 Segments: when B * H * tiles is too small to fill the GPU, every walk is split into P segments
 (the count: ``segments.py``): state-only walks from zero (not for the segment whose local state nobody
 reads), an XLA join (``common.segment_join``), then the walk from each segment's entering state; the
@@ -45,9 +50,10 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_kernels.lightning import common as cm
 from pallas_kernels.lightning import gpu_mosaic_dkdv as dkdv
+from pallas_kernels.lightning import gpu_mosaic_wide as wide_walks
 from pallas_kernels.lightning import gpu_triton
 from pallas_kernels.lightning import mosaic_common as mc
-from pallas_kernels.lightning.segments import CHUNK, LAM_PAD, STRATEGY, backward_plan, segments_for
+from pallas_kernels.lightning.segments import CHUNK, LAM_PAD, STRATEGY, backward_plan, forward_plan, wide_forms
 
 F32 = jnp.float32
 # CHUNK: the kernel's chunk; LAM_PAD: the rates travel as [H, 32] float32 rows (a TMA copy moves a
@@ -236,7 +242,7 @@ def _walk_launcher(B, H, Tp, Dy, Dz, P, dtype, *, T, C, L, seg0, BV, steps, reve
 
 
 def _walk(x, y, z, lam, s0, *, T, C, reverse=False, BV=64, steps=2, with_out=True, docs=None, interpret=False,
-          L=None, seg0=0, segments=None, lean=False):
+          L=None, seg0=0, segments=None, lean=False, wide=False):
     """Walks over the chunks of segments at once: segment p covers chunks [p L, (p + 1) L), the walk
     visits segments seg0 .. seg0 + P - 1 (P = s0.shape[2], or ``segments`` when s0 is None: walks
     from a zero state) and starts segment seg0 + i from s0[:, :, i]. ``L``: chunks per segment
@@ -244,6 +250,8 @@ def _walk(x, y, z, lam, s0, *, T, C, reverse=False, BV=64, steps=2, with_out=Tru
 
     ``docs``: None, or ``doc_bounds`` of packed rows (the state restarts at each document start).
     ``lean``: one output slot and a scoped state buffer (less shared memory, more programs per SM).
+    ``wide``: where Z is 128 wide (``gpu_mosaic_wide.supported``), one program walks both column pieces
+    (``BV`` and ``lean`` do not apply).
 
     Returns (out [B, H, Tp, Dz] in y's dtype, or None without ``with_out``; the state leaving each
     walked segment [B, H, P, Dy, Dz] float32).
@@ -259,6 +267,9 @@ def _walk(x, y, z, lam, s0, *, T, C, reverse=False, BV=64, steps=2, with_out=Tru
     if (seg0 + P) * L > N:
         raise ValueError(f"mosaic_gpu lightning kernel: segments {seg0}..{seg0 + P - 1} of {L} chunks exceed "
                          f"the {N} chunks")
+    if wide and wide_walks.supported(Dy, Dz, interpret):
+        return wide_walks.wide_walk(x, y, z, lam, s0, T=T, C=C, L=L, reverse=reverse, with_out=with_out, docs=docs,
+                                    interpret=interpret, seg0=seg0, segments=P, steps=steps)
     BV = min(BV, Dz)
     if Dz % BV:
         raise ValueError(f"mosaic_gpu lightning kernel: the column tile BV={BV} must divide the head dim {Dz}")
@@ -307,7 +318,7 @@ def doc_bounds(segment_ids, Tp, C, P) -> DocBounds:
 
 
 def _entering_states(y, z, lam, s_in, *, T, C, P, reverse, BV, steps, interpret, docs=None, skip_unused=False,
-                     lean=False):
+                     lean=False, wide=False):
     """The state entering each of P segments: local state-only walks from zero, then the join. With
     ``skip_unused`` the segment whose local state no other segment reads (the last one of a forward
     walk, the first of a reverse walk) is not walked."""
@@ -317,7 +328,7 @@ def _entering_states(y, z, lam, s_in, *, T, C, P, reverse, BV, steps, interpret,
     walked = P - 1 if skip_unused else P
     seg0 = 1 if (skip_unused and reverse) else 0
     _, M = _walk(None, y, z, lam, None, T=T, C=C, reverse=reverse, BV=BV, steps=steps, with_out=False,
-                 docs=docs, interpret=interpret, L=L, seg0=seg0, segments=walked, lean=lean)
+                 docs=docs, interpret=interpret, L=L, seg0=seg0, segments=walked, lean=lean, wide=wide)
     if walked < P:  # the unread segment's state is never used by the join: zeros stand in
         M = jnp.pad(M, ((0, 0), (0, 0), (1, 0) if reverse else (0, 1), (0, 0), (0, 0)))
     return cm.segment_join(M, lam, s_in.astype(F32), T=T, C=C, L=L, reverse=reverse,
@@ -336,6 +347,21 @@ def _pad_chunks(xs, C, P):
 
 def _t(s):
     return jnp.swapaxes(s, -1, -2)
+
+
+def _wide(strat, *states, interpret):
+    """The strategy's ``wide`` option (``segments.wide_forms``), or False where the wide walks do not apply to
+    walks with these states [Dy, Dz]."""
+    wide_forms(strat["wide"])  # checks the value
+    return strat["wide"] if all(wide_walks.supported(Dy, Dz, interpret) for Dy, Dz in states) else False
+
+
+def _forward_plan(B, H, Tp, Dk, Dv, *, C, BV, steps, lean, segments, interpret, strat):
+    """(segments, wide) of the forward: ``segments.forward_plan`` with the forward's keys of the strategy."""
+    keys = ("rule", "target_programs", "state_cost", "join_cost", "launch_cost", "min_chunks", "skip_unused",
+            "wide_step_cost")
+    return forward_plan(B, H, Dv // BV, Tp // C, Dx=Dk, Dy=Dk, BV=BV, steps=steps, lean=lean, segments=segments,
+                        wide=_wide(strat, (Dk, Dv), interpret=interpret), **{k: strat[k] for k in keys})
 
 
 def _strategy(kw):
@@ -360,11 +386,11 @@ def fwd(q, k, v, decay, h0, *, T, C, BV=64, BK=None, steps=2, segments=None, seg
     Dv = v.shape[-1]
     BV = min(BV, Dv)
     reuse, lean, skip = strat.pop("reuse_states"), strat.pop("lean"), strat["skip_unused"]
-    P = segments_for(B, H, Dv // BV, Tp // C, Dx=Dk, Dy=Dk, BV=BV, steps=steps, lean=lean, segments=segments,
-                  **strat)
+    P, wide = _forward_plan(B, H, Tp, Dk, Dv, C=C, BV=BV, steps=steps, lean=lean, segments=segments,
+                            interpret=interpret, strat=strat)
     qp, kp, vp = _pad_chunks([q, k, v], C, P)
     docs = None if segment_ids is None else doc_bounds(segment_ids, qp.shape[2], C, P)
-    kw = dict(T=T, C=C, BV=BV, steps=steps, interpret=interpret, docs=docs, lean=lean)
+    kw = dict(T=T, C=C, BV=BV, steps=steps, interpret=interpret, docs=docs, lean=lean, wide=wide)
     E = _entering_states(kp, vp, decay, h0, P=P, reverse=False, skip_unused=skip, **kw)
     o, st = _walk(qp, kp, vp, decay, E, **kw)
     out = (o[:, :, :Tp], st[:, :, -1])
@@ -395,13 +421,16 @@ def bwd(q, k, v, decay, h0, do, dht, *, T, C, BK=64, BV=64, steps=2, segments=No
     if not dkdv.supported(Dk, Dv, interpret):
         strat["fused_dkdv"] = False
     # the forward's segment count (as fwd picks it with the same tuning): its states can be reused
-    fwd_P = segments_for(B, H, Dv // BV, Tp // C, Dx=Dk, Dy=Dk, BV=BV, steps=steps, lean=lean, segments=segments,
-                      **strat) if reuse else None
-    P, fused = backward_plan(B, H, min(Dk // BK, Dv // BV), Tp // C, Dx=max(Dk, Dv), Dy=max(Dk, Dv),
-                             BV=max(BK, BV), steps=steps, lean=lean, segments=segments, fwd_segments=fwd_P, **strat)
+    fwd_P = _forward_plan(B, H, Tp, Dk, Dv, C=C, BV=BV, steps=steps, lean=lean, segments=segments,
+                          interpret=interpret, strat=strat)[0] if reuse else None
+    # wide walks in the backward where all of its walks take them (Dk = Dv = 128)
+    strat["wide"] = _wide(strat, (Dk, Dv), (Dv, Dk), interpret=interpret)
+    P, fused, wide = backward_plan(B, H, min(Dk // BK, Dv // BV), Tp // C, Dx=max(Dk, Dv), Dy=max(Dk, Dv),
+                                   BV=max(BK, BV), steps=steps, lean=lean, segments=segments, fwd_segments=fwd_P,
+                                   **strat)
     qp, kp, vp, dop = _pad_chunks([q, k, v, do.astype(q.dtype)], C, P)
     docs = None if segment_ids is None else doc_bounds(segment_ids, qp.shape[2], C, P)
-    kw = dict(T=T, C=C, steps=steps, interpret=interpret, docs=docs, lean=lean)
+    kw = dict(T=T, C=C, steps=steps, interpret=interpret, docs=docs, lean=lean, wide=wide)
     if fwd_states is not None and fwd_states.shape[2] == P:
         E_fwd = _t(fwd_states)  # [.., Dv, Dk]: the forward's entering states, transposed
     else:

@@ -90,12 +90,15 @@ def test_where_the_backward_takes_the_fused_walk(monkeypatch, Dk, Dv, tuning, fu
 
 
 def _plan(B, H, T, strat=None, **kw):
+    """(segments, fused) of the backward with one program per column tile (the wide walks: test_lightning_wide)."""
     params = {k: v for k, v in sg.STRATEGY.items() if k not in ("lean", "reuse_states")}
-    params.update(strat or {})
+    params.update(wide=False, **(strat or {}))
     N = T // C
     base = dict(Dx=128, Dy=128, BV=64, steps=3, lean=False, segments=None)
     fwd = sg.segments_for(B, H, 2, N, **base, **params)
-    return sg.backward_plan(B, H, 2, N, **{**base, **params, **kw}, fwd_segments=fwd)
+    P, fused, wide = sg.backward_plan(B, H, 2, N, **{**base, **params, **kw}, fwd_segments=fwd)
+    assert wide is False
+    return P, fused
 
 
 def test_backward_plan_chooses_the_form_and_its_segments(monkeypatch):
