@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -206,11 +207,23 @@ def run_workers(tasks, *, workers, deadline, tmp, mem_fraction, log):
                "--worker-out", op, "--lock", lock_path, "--deadline", str(deadline)]
         procs.append(subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT))
         outs.append(op)
-    for p in procs:
-        try:
-            p.wait(timeout=max(1.0, deadline + 30 - time.time()))
-        except subprocess.TimeoutExpired:
+    stopped = []
+
+    def stop(signum, frame):  # an outer time limit (SIGTERM): stop the workers, keep what they wrote
+        stopped.append(signum)
+        for p in procs:
             p.kill()
+    old_handler = signal.signal(signal.SIGTERM, stop)
+    try:
+        for p in procs:
+            try:
+                p.wait(timeout=max(1.0, deadline + 30 - time.time()))
+            except subprocess.TimeoutExpired:
+                p.kill()
+    finally:
+        signal.signal(signal.SIGTERM, old_handler)
+    if stopped:
+        print("stopped by SIGTERM: writing the records gathered so far", flush=True)
     recs = []
     for op in outs:
         recs += [json.loads(line) for line in open(op) if line.strip()]

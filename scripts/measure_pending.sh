@@ -6,8 +6,8 @@
 #   bash scripts/measure_pending.sh generate    # issue 17: batch-64 prefill, the MoE decode paths (dense, fused)
 #   bash scripts/measure_pending.sh weights     # issue 17: float32 weights cast once or per step; weight-slice copies
 #   bash scripts/measure_pending.sh train       # issue 12: the small step's compile time after kernel sharing
-#   bash scripts/measure_pending.sh lightning   # issue 15: the shipped backward plan with the fused dk/dv walk, fla
-#   bash scripts/measure_pending.sh train_mfu   # the small and medium train steps with the fused dk/dv walk
+#   bash scripts/measure_pending.sh lightning   # issue 15: the shipped plan (wide walks), wide against narrow, fla
+#   bash scripts/measure_pending.sh train_mfu   # the small and medium train steps with the wide and fused dk/dv walks
 #
 # The results of 2026-12-01 and what they decided: docs/benchmarks/generate.md ("Run 5") and docs/benchmarks/training.md.
 set -uo pipefail
@@ -53,11 +53,14 @@ case "${1:-}" in
       python benchmarks/train_mfu.py --preset small --variants b2 --steps 4 --budget_s 200 --out "$OUT/train_small_noautotune.json"
     ;;
   lightning)
-    # issue 15: the shipped backward plan (segments.backward_plan) on the whole grid, the dkdv comparison, fla at the
-    # benchmark shapes, compiled checks; then the fused walk shape by shape with an initial state (docs/benchmarks/lightning_attention.md)
+    # issue 15: the shipped plan (wide walks) on the whole grid with the forward kept in forward+backward, fla
+    # at the benchmark shapes, the wide walks against narrow ones and the forward wide with the backward narrow
+    # (the `wide` preset), compiled checks (docs/benchmarks/lightning_attention.md, "Wide walks"). The budget
+    # leaves the sweep ~60 s inside its step's limit to stop its workers and write its JSON.
     step sweep_shipped 480 python benchmarks/lightning_attention.py --mode sweep --out "$OUT/sweep" --tag shipped \
-      --variants default,dkdv --fla --checks --workers 6 --mem-fraction 0.12 --budget 420
-    step dkdv 100 python benchmarks/lightning_dkdv.py --out "$OUT/dkdv" --state --shapes 16x16x16384x128,1x8x131072x128
+      --variants default,wide --fla --checks --workers 6 --mem-fraction 0.12 --budget 380
+    step wide 100 python benchmarks/lightning_dkdv.py --variants wide --out "$OUT/wide" --state \
+      --shapes 16x16x16384x128,1x8x131072x128
     ;;
   train_mfu)
     # the train steps with the fused dk/dv walk (docs/benchmarks/training.md measured them before it)

@@ -159,17 +159,10 @@ def _walk_kernel(*refs, T, C, L, seg0, BV, Dy, steps, dtype, reverse, with_out, 
             if with_out:
                 s = dot(x_smem[...], y_smem[...], ((1,), (1,)))
                 xs = dot(x_smem[...], s16_smem[...], ((1,), (0,)))
-        elif with_out:
-            def issue(accs):  # three products in flight, one wait
-                s_acc, xs_acc, st_acc = accs
-                plgpu.wgmma(s_acc, x_smem, plgpu.transpose_ref(y_smem, (1, 0)))
-                plgpu.wgmma(xs_acc, x_smem, s16_smem)
-                plgpu.wgmma(st_acc, plgpu.transpose_ref(y_smem, (1, 0)), zr_smem)
-            s, xs, S_new = pl.run_state(issue)(
-                (plgpu.ACC.init(zeros((C, C))), plgpu.ACC.init(zeros((C, BV))), plgpu.ACC.init(S * g)))
+        elif with_out:  # three products in flight, one wait
+            s, xs, S_new = mc.chunk_products(regs, x_smem, y_smem, s16_smem, zr_smem, S, g, C, BV)
         else:
-            S_new = pl.run_state(lambda acc: plgpu.wgmma(acc, plgpu.transpose_ref(y_smem, (1, 0)), zr_smem))(
-                plgpu.ACC.init(S * g))
+            S_new = mc.state_product(y_smem, zr_smem, S, g)
         if not with_out:
             return S_new
 
@@ -273,16 +266,11 @@ def _walk(x, y, z, lam, s0, *, T, C, reverse=False, BV=64, steps=2, with_out=Tru
     BV = min(BV, Dz)
     if Dz % BV:
         raise ValueError(f"mosaic_gpu lightning kernel: the column tile BV={BV} must divide the head dim {Dz}")
-    lam_rows = jnp.broadcast_to(lam.astype(F32)[:, None], (H, LAM_PAD))
-    args = (x, y, z) if with_out else (y, z)
-    if docs is not None:
-        args = (docs.first, docs.last) + args
-    if s0 is not None:
-        args = args + (s0.astype(F32),)
+    args = mc.walk_args(x, y, z, lam, s0, docs, with_out=with_out, lam_pad=LAM_PAD)
     launch = _walk_launcher(B, H, Tp, Dy, Dz, P, jnp.dtype(y.dtype), T=T, C=C, L=L, seg0=seg0, BV=BV,
                             steps=max(1, min(steps, L)), reverse=bool(reverse), with_out=bool(with_out),
                             docs=docs is not None, interpret=bool(interpret), lean=bool(lean), from_zero=s0 is None)
-    res = launch(*args, lam_rows)
+    res = launch(*args)
     return tuple(res) if with_out else (None, res[0])
 
 

@@ -98,8 +98,7 @@ def _kernel(*refs, T, C, L, Dk, dtype, steps, docs, interp, union):
             lam_w = lam_smem[w, 0]
             M_chunk = M
             if docs:
-                first, last = regs.load_rows(first_smem), regs.load_rows(last_smem)
-                a, b, g = mc.chunk_decays(regs, lam_w, rows, m, C, docs=(first, last, first_smem))
+                a, b, g, first, last = mc.chunk_decays_of_docs(regs, lam_w, rows, m, C, first_smem, last_smem)
                 M_chunk = mc.doc_mask(regs, M, regs.iota((C, C), 1), first, last, C, reverse=True)
             else:
                 a, b, g = mc.chunk_decays(regs, lam_w, rows, m, C)
@@ -185,14 +184,8 @@ def _kernel(*refs, T, C, L, Dk, dtype, steps, docs, interp, union):
     specs = [spec(Dk, 0), spec(Dk, 0), spec(PIECE, 0), spec(PIECE, 1), spec(PIECE, 0), spec(PIECE, 1)]
     srcs = [q_ref.at[bi, hi], k_ref.at[bi, hi], v_ref.at[bi, hi], v_ref.at[bi, hi], do_ref.at[bi, hi],
             do_ref.at[bi, hi]]
-    if docs:
-        rows_spec = plgpu.BlockSpec(block_shape=(C,), index_map=lambda n: (chunk(n),))
-        specs = [rows_spec, rows_spec] + specs
-        srcs = [first_ref.at[bi], last_ref.at[bi]] + srcs
-    pipe = plgpu.emit_pipeline_warp_specialized(
-        step, grid=(L,), memory_registers=40, in_specs=specs, max_concurrent_steps=steps, wg_axis="wg",
-        num_compute_wgs=COMPUTE_WGS, compute_context=compute)
-    pipe(*srcs)
+    mc.run_warp_specialized(step, compute, specs, srcs, L=L, steps=steps, C=C, chunk=chunk, compute_wgs=COMPUTE_WGS,
+                            doc_rows=(first_ref.at[bi], last_ref.at[bi]) if docs else None)
 
 
 @functools.lru_cache(maxsize=None)

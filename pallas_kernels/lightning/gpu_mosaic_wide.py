@@ -107,8 +107,7 @@ def _kernel(*refs, T, C, L, seg0, Dy, dtype, steps, reverse, with_out, docs, fro
             lam_w = lam_smem[w, 0]
             M_chunk = M
             if docs:
-                first, last = regs.load_rows(first_smem), regs.load_rows(last_smem)
-                a, b, g = mc.chunk_decays(regs, lam_w, rows, m, C, docs=(first, last, first_smem))
+                a, b, g, first, last = mc.chunk_decays_of_docs(regs, lam_w, rows, m, C, first_smem, last_smem)
                 if with_out:
                     M_chunk = mc.doc_mask(regs, M, regs.iota((C, C), 1), first, last, C, reverse)
             else:
@@ -124,18 +123,10 @@ def _kernel(*refs, T, C, L, seg0, Dy, dtype, steps, reverse, with_out, docs, fro
                 if with_out:
                     s = regs.dot(x_smem[...], y_smem[...], ((1,), (1,)))
                     xs = regs.dot(x_smem[...], s16.at[w][...], ((1,), (0,)))
-            elif with_out:
-                def issue(accs):  # the three products that do not need P in flight, one wait
-                    s_acc, xs_acc, st_acc = accs
-                    plgpu.wgmma(s_acc, x_smem, plgpu.transpose_ref(y_smem, (1, 0)))
-                    plgpu.wgmma(xs_acc, x_smem, s16.at[w])
-                    plgpu.wgmma(st_acc, plgpu.transpose_ref(y_smem, (1, 0)), zr)
-                s, xs, S_new = pl.run_state(issue)(
-                    (plgpu.ACC.init(regs.zeros((C, C))), plgpu.ACC.init(regs.zeros((C, PIECE))),
-                     plgpu.ACC.init(S * g)))
+            elif with_out:  # the three products that do not need P in flight, one wait
+                s, xs, S_new = mc.chunk_products(regs, x_smem, y_smem, s16.at[w], zr, S, g, C, PIECE)
             else:
-                S_new = pl.run_state(lambda acc: plgpu.wgmma(acc, plgpu.transpose_ref(y_smem, (1, 0)), zr))(
-                    plgpu.ACC.init(S * g))
+                S_new = mc.state_product(y_smem, zr, S, g)
             if not with_out:
                 return S_new
             p16 = (s * M_chunk).astype(dtype)
@@ -183,14 +174,8 @@ def _kernel(*refs, T, C, L, seg0, Dy, dtype, steps, reverse, with_out, docs, fro
     if with_out:
         specs = [spec(x_ref.shape[-1], 0)] + specs
         srcs = [x_ref.at[bi, hi]] + srcs
-    if docs:
-        rows_spec = plgpu.BlockSpec(block_shape=(C,), index_map=lambda n: (chunk(n),))
-        specs = [rows_spec, rows_spec] + specs
-        srcs = [first_ref.at[bi], last_ref.at[bi]] + srcs
-    pipe = plgpu.emit_pipeline_warp_specialized(
-        step, grid=(L,), memory_registers=40, in_specs=specs, max_concurrent_steps=steps, wg_axis="wg",
-        num_compute_wgs=COMPUTE_WGS, compute_context=compute)
-    pipe(*srcs)
+    mc.run_warp_specialized(step, compute, specs, srcs, L=L, steps=steps, C=C, chunk=chunk, compute_wgs=COMPUTE_WGS,
+                            doc_rows=(first_ref.at[bi], last_ref.at[bi]) if docs else None)
 
 
 @functools.lru_cache(maxsize=None)
@@ -232,15 +217,10 @@ def wide_walk(x, y, z, lam, s0, *, T, C, L, reverse=False, with_out=True, docs=N
     if with_out and Dx != Dy:
         raise ValueError(f"wide lightning walk: X is {Dx} wide and Y {Dy}; X Y^T needs them equal")
     P = segments if s0 is None else s0.shape[2]
-    lam_rows = jnp.broadcast_to(lam.astype(F32)[:, None], (H, LAM_PAD))
-    args = (x, y, z) if with_out else (y, z)
-    if docs is not None:
-        args = (docs.first, docs.last) + args
-    if s0 is not None:
-        args = args + (s0.astype(F32),)
+    args = mc.walk_args(x, y, z, lam, s0, docs, with_out=with_out, lam_pad=LAM_PAD)
     steps = min(pipeline_steps(Dy, steps, with_out=with_out, docs=docs is not None), L)
     launch = _launcher(B, H, Tp, Dx, Dy, P, jnp.dtype(y.dtype), T=T, C=C, L=L, seg0=seg0, steps=max(1, steps),
                        reverse=bool(reverse), with_out=bool(with_out), docs=docs is not None, from_zero=s0 is None,
                        interpret=bool(interpret))
-    res = launch(*args, lam_rows)
+    res = launch(*args)
     return tuple(res) if with_out else (None, res[0])

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 from jax import lax
+from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 F32 = jnp.float32
@@ -82,6 +83,12 @@ def decay_mask(regs: Regs, lam, C, reverse):
     return M, c2
 
 
+def chunk_decays_of_docs(regs: Regs, lam, rows, m, C, first_smem, last_smem):
+    """``chunk_decays`` of a chunk of packed documents, and the chunk's row bounds (first, last)."""
+    first, last = regs.load_rows(first_smem), regs.load_rows(last_smem)
+    return chunk_decays(regs, lam, rows, m, C, docs=(first, last, first_smem)) + (first, last)
+
+
 def chunk_decays(regs: Regs, lam, rows, m, C, docs=None):
     """Row vectors a, b [C] and the chunk decay g of a chunk with m real rows (padded rows are zero in every
     input, so b's exponent is clamped there instead of masked). ``docs``: (first, last, first_smem) of packed
@@ -107,3 +114,45 @@ def doc_mask(regs: Regs, M, c2, first, last, C, reverse):
 
 def bcast(row, C, width):
     return lax.broadcast_in_dim(row, (C, width), [0])
+
+
+def chunk_products(regs: Regs, x_smem, y_smem, s16, zr, S, g, C, width):
+    """The three products of a walk's chunk that do not need P, issued together with one wait (compiled):
+    ``X Y^T [C, C]``, ``X bf16(S) [C, width]`` and the state update ``g S + Y^T (r_st Z)``."""
+    def issue(accs):
+        s_acc, xs_acc, st_acc = accs
+        plgpu.wgmma(s_acc, x_smem, plgpu.transpose_ref(y_smem, (1, 0)))
+        plgpu.wgmma(xs_acc, x_smem, s16)
+        plgpu.wgmma(st_acc, plgpu.transpose_ref(y_smem, (1, 0)), zr)
+    return pl.run_state(issue)(
+        (plgpu.ACC.init(regs.zeros((C, C))), plgpu.ACC.init(regs.zeros((C, width))), plgpu.ACC.init(S * g)))
+
+
+def state_product(y_smem, zr, S, g):
+    """A state-only walk's chunk (compiled): ``g S + Y^T (r_st Z)``."""
+    return pl.run_state(lambda acc: plgpu.wgmma(acc, plgpu.transpose_ref(y_smem, (1, 0)), zr))(plgpu.ACC.init(S * g))
+
+
+def run_warp_specialized(step, compute, specs, srcs, *, L, steps, C, chunk, doc_rows=None, compute_wgs=2):
+    """Streams a walk's L chunks (``chunk(i)``: the chunk of step i) through a memory warpgroup to
+    ``compute_wgs`` compute warpgroups. ``doc_rows``: the (first, last) row refs of packed documents
+    (``gpu_mosaic.doc_bounds``), which ride in the stages ahead of the chunks."""
+    if doc_rows is not None:
+        rows_spec = plgpu.BlockSpec(block_shape=(C,), index_map=lambda n: (chunk(n),))
+        specs = [rows_spec, rows_spec] + list(specs)
+        srcs = list(doc_rows) + list(srcs)
+    pipe = plgpu.emit_pipeline_warp_specialized(
+        step, grid=(L,), memory_registers=40, in_specs=specs, max_concurrent_steps=steps, wg_axis="wg",
+        num_compute_wgs=compute_wgs, compute_context=compute)
+    pipe(*srcs)
+
+
+def walk_args(x, y, z, lam, s0, docs, *, with_out, lam_pad):
+    """A walk kernel's operands in its order: document bounds, X (with outputs), Y, Z, entering states (when
+    given), and the rates as [H, lam_pad] float32 rows (a TMA copy moves a multiple of 128 bytes)."""
+    args = (x, y, z) if with_out else (y, z)
+    if docs is not None:
+        args = (docs.first, docs.last) + args
+    if s0 is not None:
+        args = args + (s0.astype(F32),)
+    return args + (jnp.broadcast_to(lam.astype(F32)[:, None], (lam.shape[0], lam_pad)),)

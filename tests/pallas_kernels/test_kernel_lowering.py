@@ -55,3 +55,28 @@ def test_identical_moe_layers_share_their_grouped_gemms():
     two, six = _kernels(layers(2), x, w, sizes), _kernels(layers(6), x, w, sizes)
     assert two >= 3
     assert six == two
+
+
+def test_wide_walks_lower_for_cuda(hopper, monkeypatch):
+    """The compiled path of the wide walks (wgmma, register layouts, aliased buffers), which the interpreter
+    does not run, lowers for CUDA: forward and backward at MiniMax's head dims with two segments and packed
+    rows (output, state-only and reverse walks, document bounds in the stages)."""
+    from pallas_kernels.lightning import gpu_mosaic_wide as wide
+    from pallas_kernels.lightning import lightning_attention_kernel
+    calls = []
+    real = wide.wide_walk
+    monkeypatch.setattr(wide, "wide_walk", lambda *a, **k: calls.append(k["with_out"]) or real(*a, **k))
+    q = jax.ShapeDtypeStruct((1, 2, 520, 128), BF16)
+    h0 = jax.ShapeDtypeStruct((1, 2, 128, 128), jnp.float32)
+    d = jax.ShapeDtypeStruct((2,), jnp.float32)
+    ids = jax.ShapeDtypeStruct((1, 520), jnp.int32)
+
+    def f(q, k, v, decay, h0, ids):
+        def loss(q, k, v, h0):
+            o, ht = lightning_attention_kernel(q, k, v, decay, initial_state=h0, impl="mosaic_gpu", segment_ids=ids,
+                                               tuning={"wide": "always", "segments": 2})
+            return jnp.sum(o.astype(jnp.float32)) + jnp.sum(ht)
+        return jax.value_and_grad(loss, argnums=(0, 1, 2, 3))(q, k, v, h0)
+
+    assert _kernels(f, q, q, q, d, h0, ids) >= 5
+    assert True in calls and False in calls  # output walks and state-only walks
