@@ -39,7 +39,8 @@ BENCH_SHAPES = [(4, 16, 4096, 128), (1, 8, 32768, 128), (1, 64, 8192, 128), (8, 
 FLA_EXTRA = [(1, 8, 1024, 128), (16, 16, 16384, 128), (2, 8, 262144, 128)]
 SHORT = [(16, 64, T, 128) for T in (1, 16, 64, 256, 512)]  # prefill chunks from a state (generation)
 DECODE = [(16, 16, 128), (16, 64, 128)]  # one token, state in and out
-CHECKS = [(1, 8, 8195, 128), (4, 24, 1029, 128), (16, 16, 4099, 128), (1, 8, 8195, 64), (1, 24, 5003, 128)]
+CHECKS = [(1, 8, 8195, 128), (4, 24, 1029, 128), (16, 16, 4099, 128), (1, 8, 8195, 64), (1, 24, 5003, 128),
+          (16, 64, 5, 128), (8, 16, 130, 128)]  # the last two: wide walks of one and three chunks (prefill chunks)
 
 
 if os.environ.get("LIGHTNING_SWEEP_TINY"):  # dry runs of the machinery on the CPU (interpret mode)

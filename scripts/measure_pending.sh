@@ -58,7 +58,7 @@ case "${1:-}" in
     # (the `wide` preset), compiled checks (docs/benchmarks/lightning_attention.md, "Wide walks"). The budget
     # leaves the sweep ~60 s inside its step's limit to stop its workers and write its JSON.
     step sweep_shipped 480 python benchmarks/lightning_attention.py --mode sweep --out "$OUT/sweep" --tag shipped \
-      --variants default,wide --fla --checks --workers 6 --mem-fraction 0.12 --budget 380
+      --variants default,wide --fla --checks --short --workers 6 --mem-fraction 0.12 --budget 380
     step wide 100 python benchmarks/lightning_dkdv.py --variants wide --out "$OUT/wide" --state \
       --shapes 16x16x16384x128,1x8x131072x128
     ;;
