@@ -53,7 +53,8 @@ from pallas_kernels.lightning import gpu_mosaic_dkdv as dkdv
 from pallas_kernels.lightning import gpu_mosaic_wide as wide_walks
 from pallas_kernels.lightning import gpu_triton
 from pallas_kernels.lightning import mosaic_common as mc
-from pallas_kernels.lightning.segments import CHUNK, LAM_PAD, STRATEGY, backward_plan, forward_plan, wide_forms
+from pallas_kernels.lightning.segments import (CHUNK, FORWARD_KEYS, LAM_PAD, STRATEGY, backward_plan, forward_plan,
+                                              wide_forms)
 
 F32 = jnp.float32
 # CHUNK: the kernel's chunk; LAM_PAD: the rates travel as [H, 32] float32 rows (a TMA copy moves a
@@ -346,10 +347,10 @@ def _wide(strat, *states, interpret):
 
 def _forward_plan(B, H, Tp, Dk, Dv, *, C, BV, steps, lean, segments, interpret, strat):
     """(segments, wide) of the forward: ``segments.forward_plan`` with the forward's keys of the strategy."""
-    keys = ("rule", "target_programs", "state_cost", "join_cost", "launch_cost", "min_chunks", "skip_unused",
-            "wide_step_cost")
+    keys = {k: strat[k] for k in FORWARD_KEYS}
+    keys["wide"] = _wide(strat, (Dk, Dv), interpret=interpret)
     return forward_plan(B, H, Dv // BV, Tp // C, Dx=Dk, Dy=Dk, BV=BV, steps=steps, lean=lean, segments=segments,
-                        wide=_wide(strat, (Dk, Dv), interpret=interpret), **{k: strat[k] for k in keys})
+                        **keys)
 
 
 def _strategy(kw):

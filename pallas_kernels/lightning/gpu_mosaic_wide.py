@@ -179,7 +179,7 @@ def _kernel(*refs, T, C, L, seg0, Dy, dtype, steps, reverse, with_out, docs, fro
 
 
 @functools.lru_cache(maxsize=None)
-def _launcher(B, H, Tp, Dx, Dy, P, dtype, *, T, C, L, seg0, steps, reverse, with_out, docs, from_zero, interpret):
+def _launcher(B, H, Tp, Dy, P, dtype, *, T, C, L, seg0, steps, reverse, with_out, docs, from_zero, interpret):
     """One jitted kernel per configuration (as ``gpu_mosaic._walk_launcher``: traced once per program)."""
     W, Dz = COMPUTE_WGS, PIECE * COMPUTE_WGS
     smem16 = lambda shape: mc.smem(shape, dtype)  # noqa: E731
@@ -213,13 +213,12 @@ def wide_walk(x, y, z, lam, s0, *, T, C, L, reverse=False, with_out=True, docs=N
     if not supported(Dy, Dz, interpret):
         raise ValueError(f"wide lightning walk: widths Dy={Dy}, Dz={Dz}; expected Dz={PIECE * COMPUTE_WGS} and "
                          f"Dy = 128 (or 64 in the interpreter)")
-    Dx = x.shape[-1] if with_out else Dy
-    if with_out and Dx != Dy:
-        raise ValueError(f"wide lightning walk: X is {Dx} wide and Y {Dy}; X Y^T needs them equal")
+    if with_out and x.shape[-1] != Dy:
+        raise ValueError(f"wide lightning walk: X is {x.shape[-1]} wide and Y {Dy}; X Y^T needs them equal")
     P = segments if s0 is None else s0.shape[2]
     args = mc.walk_args(x, y, z, lam, s0, docs, with_out=with_out, lam_pad=LAM_PAD)
     steps = min(pipeline_steps(Dy, steps, with_out=with_out, docs=docs is not None), L)
-    launch = _launcher(B, H, Tp, Dx, Dy, P, jnp.dtype(y.dtype), T=T, C=C, L=L, seg0=seg0, steps=max(1, steps),
+    launch = _launcher(B, H, Tp, Dy, P, jnp.dtype(y.dtype), T=T, C=C, L=L, seg0=seg0, steps=steps,
                        reverse=bool(reverse), with_out=bool(with_out), docs=docs is not None, from_zero=s0 is None,
                        interpret=bool(interpret))
     res = launch(*args)

@@ -147,6 +147,11 @@ def _choose(forms, B, H, tiles, N, *, segments, rule, target_programs, walk_kw, 
     return best
 
 
+# The strategy keys forward_plan takes; the rest of STRATEGY is the backward's or the caller's.
+FORWARD_KEYS = ("rule", "target_programs", "state_cost", "join_cost", "launch_cost", "min_chunks", "skip_unused",
+                "wide", "wide_step_cost")
+
+
 def forward_plan(B, H, tiles, N, *, Dx, Dy, BV, steps, lean, segments, rule, target_programs, state_cost,
                  join_cost, launch_cost, min_chunks, skip_unused, wide=False, wide_step_cost=1.0):
     """(segments, wide) of the forward of ``tiles`` column tiles per (b, h): the walks one program per tile, or

@@ -85,9 +85,7 @@ def _plans(B, H, T, D=128, **strat):
     params = {k: v for k, v in sg.STRATEGY.items() if k not in ("lean", "reuse_states")}
     params.update(strat)
     base = dict(Dx=D, Dy=D, BV=64, steps=3, lean=False, segments=params.pop("segments", None))
-    fwd_keys = ("rule", "target_programs", "state_cost", "join_cost", "launch_cost", "min_chunks", "skip_unused",
-                "wide", "wide_step_cost")
-    P, w = sg.forward_plan(B, H, D // 64, T // C, **base, **{k: params[k] for k in fwd_keys})
+    P, w = sg.forward_plan(B, H, D // 64, T // C, **base, **{k: params[k] for k in sg.FORWARD_KEYS})
     return (P, w), sg.backward_plan(B, H, D // 64, T // C, **base, **params, fwd_segments=P)
 
 
